@@ -1,0 +1,28 @@
+"""The `cnnloop` command. Subcommands import their room lazily, so `cnnloop registry` needs no torch."""
+from __future__ import annotations
+
+import typer
+
+from training.cli import data_cmd, train_cmd
+
+app = typer.Typer(
+    name="cnnloop",
+    help="Fine-tune an ImageNet-pretrained CNN on your labeled images, export it to ONNX, serve it, "
+    "watch drift and retrain. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 storage unreachable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_cmd.app, name="data")
+train_cmd.register(app)
+
+try:
+    from training.cli import registry_cmd
+
+    app.add_typer(registry_cmd.app, name="registry", help="List, inspect, promote and roll back model versions.")
+except ImportError:  # pragma: no cover - the registry sub-app is written separately
+    pass
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,48 @@
+"""What every subcommand shares: exit codes, error translation, JSON output."""
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import typer
+from rich.console import Console
+
+# Exit codes mean something to scripts: 0 ok, 1 the job ran but its check failed,
+# 2 bad input (flags, config, data, unknown names), 3 storage/registry unreachable or refused.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
+
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def guarded() -> Iterator[None]:
+    """Translate each room's exceptions into one clear line and a meaningful exit code."""
+    from exporters.errors import ExportError, StorageError
+    from training.errors import TrainingError
+
+    try:
+        yield
+    except StorageError as e:
+        fail(str(e), EXIT_STORAGE)
+    except (TrainingError, ExportError) as e:
+        fail(str(e), EXIT_BAD_INPUT)
+
+
+def emit_json(obj: Any, path: str | None = None) -> None:
+    """Write obj as JSON to path, or to stdout when path is '-' or None."""
+    text = json.dumps(obj, indent=2, sort_keys=True, default=str)
+    if path in (None, "-"):
+        sys.stdout.write(text + "\n")
+    else:
+        with open(path, "w") as f:
+            f.write(text + "\n")

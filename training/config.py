@@ -1,0 +1,110 @@
+"""The training room's one settings object: defaults < YAML file < CNNLOOP_TRAIN_* env < CLI flags."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from training.errors import TrainingError
+
+
+class TrainConfig(BaseSettings):
+    """Every knob of a fine-tuning run. Defaults are the recipe tuned on carved validation splits."""
+
+    model_config = SettingsConfigDict(env_prefix="CNNLOOP_TRAIN_", extra="forbid", validate_assignment=True)
+
+    # model
+    backbone: str = "efficientnet_lite0"
+    weights: str = Field("default", description="'default' (offline weights of the backbone), a path, s3://..., or 'none'")
+    image_size: int | None = Field(None, ge=32, le=1024, description="crop size; default: the backbone's")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+    # schedule of what trains
+    strategy: Literal["freeze", "finetune", "gradual"] = "gradual"
+    head_epochs: int = Field(2, ge=0, description="gradual: epochs training only the head")
+    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between opening the next block")
+    unfreeze_blocks: int | None = Field(4, ge=0, description="gradual: most blocks opened from the top (None = all)")
+    bn: Literal["train", "frozen"] = Field("frozen", description="frozen keeps pretrained BatchNorm statistics")
+
+    # optimisation
+    epochs: int = Field(12, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0, le=10)
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=1, description="backbone LR = head LR x ratio")
+    weight_decay: float = Field(0.01, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="exponential moving average of weights")
+    grad_clip: float | None = Field(None, gt=0)
+
+    # data
+    augment: Literal["none", "light", "strong"] = "light"
+    hflip: bool = Field(True, description="random horizontal flips (turn off for digits, text...)")
+    balance: Literal["none", "sampler", "loss"] = "none"
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+
+    # early stopping
+    monitor: Literal["val_loss", "val_accuracy", "val_macro_f1"] = "val_loss"
+    patience: int = Field(4, ge=1)
+    min_delta: float = Field(0.0, ge=0)
+
+    # hardware and reproducibility
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+    channels_last: bool = Field(True, description="channels_last memory format on CUDA")
+    num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "TrainConfig":
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) + test_fraction ({self.test_fraction}) "
+                "leaves under 10% for training; lower them"
+            )
+        return self
+
+
+def _format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown setting '{field}' (see `cnnloop train --help` for the known ones)")
+        else:
+            parts.append(f"'{field}': {err['msg']} (got {err.get('input')!r})")
+    return "invalid training config: " + "; ".join(parts)
+
+
+def read_yaml_config(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise TrainingError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainingError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"config file {path} must hold a mapping of setting: value, got {type(data).__name__}")
+    return data
+
+
+def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Resolve the config: defaults < YAML `path` < env CNNLOOP_TRAIN_* < `overrides` (CLI flags)."""
+    merged: dict[str, Any] = dict(read_yaml_config(path)) if path else {}
+    try:
+        merged.update(EnvSettingsSource(TrainConfig)())
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return TrainConfig(**merged)
+    except ValidationError as e:
+        raise TrainingError(_format_validation_error(e)) from None
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=True))

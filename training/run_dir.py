@@ -1,0 +1,67 @@
+"""What a run directory holds and how to read it back: the checkpoint describes itself."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from exporters.preprocess import ResizePolicy
+from training.backbones import get_backbone_spec
+from training.errors import TrainingError
+from training.model import Classifier, build_classifier
+
+WEIGHTS = "model.safetensors"
+MODEL_INFO = "model.json"
+CLASSES = "classes.json"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+SPLITS = "splits.json"
+SKIPPED = "skipped_images.json"
+
+
+@dataclass
+class LoadedRun:
+    model: Classifier
+    classes: list[str]
+    policy: ResizePolicy
+    info: dict
+    path: Path
+
+
+def save_model(run_dir: Path, model: Classifier, info: dict) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(run_dir / WEIGHTS))
+    (run_dir / MODEL_INFO).write_text(json.dumps(info, indent=2))
+    (run_dir / CLASSES).write_text(json.dumps(info["classes"], indent=2))
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    """Rebuild the trained classifier from a run directory alone (no network, no config file needed)."""
+    run_dir = Path(run_dir)
+    for name in (WEIGHTS, MODEL_INFO):
+        if not (run_dir / name).is_file():
+            raise TrainingError(f"{run_dir} is not a finished training run: {name} is missing (run `cnnloop train` first)")
+    info = json.loads((run_dir / MODEL_INFO).read_text())
+    spec = get_backbone_spec(info["backbone"]["name"])
+    model, _ = build_classifier(spec, num_classes=len(info["classes"]), weights="none", dropout=info.get("dropout", 0.0))
+    try:
+        model.load_state_dict(load_file(str(run_dir / WEIGHTS)))
+    except Exception as e:
+        raise TrainingError(f"{run_dir / WEIGHTS} does not match {MODEL_INFO}: {e}") from None
+    model.eval()
+    return LoadedRun(model, info["classes"], ResizePolicy(**info["policy"]), info, run_dir)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str))
+
+
+def weights_only_state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(run_dir) / WEIGHTS))
