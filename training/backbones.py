@@ -154,7 +154,7 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
     if timm.is_model(name):
         return _generic_timm_spec(name)
-    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=4)
+    close = difflib.get_close_matches(name, sorted(set(BACKBONES) | set(timm.list_models())), n=4)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
     raise TrainingError(
         f"unknown backbone '{name}'. Known: {', '.join(sorted(BACKBONES))}, or any timm model name "

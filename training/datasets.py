@@ -123,3 +123,8 @@ def discover(data: Path, test_dir: Path | None = None) -> DataSource:
         src.test = _to_labeled(_folder_entries(Path(test_dir)), classes, Path(test_dir))
         src.origin["test_dir"] = str(test_dir)
     return src
+
+
+def labeled_folder(root: Path, classes: list[str]) -> LabeledFiles:
+    """An ImageFolder scored against a known class list (e.g. a trained run's)."""
+    return _to_labeled(_folder_entries(Path(root)), classes, Path(root))

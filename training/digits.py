@@ -9,7 +9,8 @@ from PIL import Image
 from training.errors import TrainingError
 
 
-def write_digits(out: Path, size: int = 32, limit_per_class: int | None = None, overwrite: bool = False) -> dict[str, int]:
+def write_digits(out: Path, size: int = 32, limit_per_class: int | None = None, overwrite: bool = False,
+                 digits: list[int] | None = None) -> dict[str, int]:
     """Write out/<digit>/<index>.png, upscaled from 8x8 to size x size; returns images per class."""
     from sklearn.datasets import load_digits
 
@@ -18,9 +19,11 @@ def write_digits(out: Path, size: int = 32, limit_per_class: int | None = None, 
         raise TrainingError(f"{out} is not empty; choose an empty --out or pass --overwrite")
     if not 8 <= size <= 512:
         raise TrainingError(f"--size must be between 8 and 512, got {size}")
-    digits = load_digits()
+    data = load_digits()
     counts: dict[str, int] = {}
-    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (img, label) in enumerate(zip(data.images, data.target)):
+        if digits is not None and int(label) not in digits:
+            continue
         name = str(int(label))
         if limit_per_class is not None and counts.get(name, 0) >= limit_per_class:
             continue

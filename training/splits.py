@@ -15,7 +15,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         rng.shuffle(idx)
-        n = int(round(len(idx) * fraction))
+        n = int(np.floor(len(idx) * fraction + 0.5))  # half-up: round() would round 4.5 to 4
         if len(idx) >= 2:
             n = min(max(n, 1), len(idx) - 1)
         else:

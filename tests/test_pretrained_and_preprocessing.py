@@ -1,0 +1,76 @@
+"""The default backbone is genuinely ImageNet-pretrained, and evaluation sees exactly what serving sees."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_sample_images
+
+from exporters.preprocess import ImageDecodeError, ResizePolicy, load_model_input
+from training.augment import eval_crop
+from training.backbones import get_backbone_spec, load_pretrained_network
+from training.datasets import LabeledFiles
+from training.image_cache import decode_files
+
+PALACE, MONASTERY, BELL_COTE, DAISY = 698, 663, 442, 985
+
+
+def _png_bytes(arr) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(arr).save(b, "PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def sample_photos():
+    """scikit-learn ships two real photos: a Chinese palace and a daisy-like flower."""
+    imgs = load_sample_images()
+    return {name.rsplit("/", 1)[-1]: _png_bytes(a) for name, a in zip(imgs.filenames, imgs.images)}
+
+
+def _imagenet_top(net, spec, data: bytes, k=3) -> list[int]:
+    x = torch.from_numpy(load_model_input(data, ResizePolicy.for_crop(224))).permute(2, 0, 1)[None].float() / 255
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return net.eval()((x - mean) / std)[0].topk(k).indices.tolist()
+
+
+def test_default_backbone_imagenet_head_recognises_real_photos(sample_photos):
+    spec = get_backbone_spec("efficientnet_lite0")
+    net, _ = load_pretrained_network(spec, "default")
+    assert _imagenet_top(net, spec, sample_photos["flower.jpg"], 1) == [DAISY]
+    assert {PALACE, MONASTERY, BELL_COTE} & set(_imagenet_top(net, spec, sample_photos["china.jpg"]))
+
+
+def test_random_init_does_not_recognise_them(sample_photos):
+    spec = get_backbone_spec("efficientnet_lite0")
+    torch.manual_seed(0)
+    net, _ = load_pretrained_network(spec, "none")
+    assert _imagenet_top(net, spec, sample_photos["flower.jpg"], 1) != [DAISY]
+
+
+def test_training_eval_crop_is_pixel_identical_to_serving_preprocessing(tmp_path, sample_photos):
+    path = tmp_path / "x" / "china.png"
+    path.parent.mkdir()
+    path.write_bytes(sample_photos["china.jpg"])
+    policy = ResizePolicy.for_crop(224)
+    decoded, _ = decode_files(LabeledFiles([path], np.array([0]), ["x"]), policy.resize_size)
+    trained_on = eval_crop(decoded.images, policy)[0].permute(1, 2, 0).numpy()
+    served = load_model_input(path.read_bytes(), policy)
+    assert served.shape == (224, 224, 3) and np.array_equal(trained_on, served)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "0 bytes"), (b"hello, not an image", "not a decodable image"), (b"\x89PNG\r\n\x1a\n\x00\x00", "not a decodable image"),
+])
+def test_undecodable_bytes_raise_image_decode_error(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        load_model_input(data, ResizePolicy.for_crop(64))
+
+
+def test_truncated_jpeg_is_refused(sample_photos):
+    b = io.BytesIO()
+    Image.open(io.BytesIO(sample_photos["china.jpg"])).save(b, "JPEG")
+    with pytest.raises(ImageDecodeError):
+        load_model_input(b.getvalue()[: len(b.getvalue()) // 2], ResizePolicy.for_crop(64))

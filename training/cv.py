@@ -1,0 +1,56 @@
+"""`cnnloop cv`: stratified k-fold cross-validation of a training recipe (mean +- std over folds)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from exporters.preprocess import ResizePolicy
+from training.backbones import get_backbone_spec
+from training.config import TrainConfig
+from training.datasets import discover
+from training.engine import resolve_device
+from training.errors import TrainingError
+from training.fit import Splits, fit_model, make_progress, score_split, seed_everything
+from training.image_cache import decode_files
+from training.model import build_classifier
+from training.splits import stratified_kfold, stratified_split
+
+SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+
+
+def summarise_folds(fold_scores: list[dict]) -> dict:
+    return {
+        k: {"mean": float(np.mean([f[k] for f in fold_scores])), "std": float(np.std([f[k] for f in fold_scores], ddof=1)) if len(fold_scores) > 1 else 0.0}
+        for k in SUMMARY_KEYS
+    }
+
+
+def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Console | None = None,
+                   show_progress: bool = True) -> dict:
+    """Each fold: train on the other folds (val carved from them for early stopping), score the fold."""
+    console = console or Console(stderr=True)
+    spec = get_backbone_spec(cfg.backbone)
+    policy = ResizePolicy.for_crop(cfg.image_size or spec.input_size)
+    source = discover(data)
+    if source.val is not None or source.test is not None:
+        raise TrainingError(f"cv pools one labeled set; give {data}/train (or an ImageFolder), not a folder with val/ or test/")
+    device = resolve_device(cfg.device)
+    results = []
+    with make_progress(console, show_progress) as progress:
+        everything, skipped = decode_files(source.train, policy.resize_size, "decoding", progress)
+        for k, (train_idx, test_idx) in enumerate(stratified_kfold(everything.labels.numpy(), folds, cfg.seed)):
+            seed_everything(cfg.seed + k)
+            pool = everything.subset(train_idx)
+            keep, held = stratified_split(pool.labels.numpy(), cfg.val_fraction, cfg.seed + k)
+            splits = Splits(pool.subset(keep), pool.subset(held), everything.subset(test_idx), skipped, ["val", "test"])
+            model, _ = build_classifier(spec, len(everything.classes), cfg.weights, cfg.dropout)
+            fit = fit_model(model, splits, cfg, policy, device, progress, console)
+            scores, _, _ = score_split(fit.model, splits.test, policy, device, cfg)
+            console.print(f"fold {k + 1}/{folds}: accuracy {scores['accuracy']:.4f} macro-F1 {scores['macro_f1']:.4f} "
+                          f"(best epoch {fit.best_epoch})")
+            results.append({"fold": k, "n_test": scores["n"], "best_epoch": fit.best_epoch,
+                            **{key: scores[key] for key in SUMMARY_KEYS}})
+    return {"folds": results, "summary": summarise_folds(results), "k": folds, "skipped_images": skipped,
+            "config": cfg.model_dump(mode="json")}
