@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from training.cli import data_cmd, train_cmd
+from training.cli import data_cmd, demo_cmd, train_cmd
 
 app = typer.Typer(
     name="cnnloop",
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data")
 train_cmd.register(app)
+demo_cmd.register(app)
 
 try:
     from training.cli import registry_cmd
