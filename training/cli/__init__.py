@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from training.cli import data_cmd, demo_cmd, train_cmd
+from training.cli import data_cmd, demo_cmd, export_cmd, registry_cmd, train_cmd
 
 app = typer.Typer(
     name="cnnloop",
@@ -16,13 +16,9 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 train_cmd.register(app)
 demo_cmd.register(app)
+export_cmd.register(app)
 
-try:
-    from training.cli import registry_cmd
-
-    app.add_typer(registry_cmd.app, name="registry", help="List, inspect, promote and roll back model versions.")
-except ImportError:  # pragma: no cover - the registry sub-app is written separately
-    pass
+app.add_typer(registry_cmd.app, name="registry")
 
 
 def main() -> None:
