@@ -32,7 +32,7 @@ def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Consol
     """Each fold: train on the other folds (val carved from them for early stopping), score the fold."""
     console = console or Console(stderr=True)
     spec = get_backbone_spec(cfg.backbone)
-    policy = ResizePolicy.for_crop(cfg.image_size or spec.input_size)
+    policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
     source = discover(data)
     if source.val is not None or source.test is not None:
         raise TrainingError(f"cv pools one labeled set; give {data}/train (or an ImageFolder), not a folder with val/ or test/")

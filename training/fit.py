@@ -197,7 +197,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None,
     if (out / METRICS).exists() and not overwrite:
         raise TrainingError(f"{out} already holds a training run; choose another --out or pass --overwrite")
     spec = get_backbone_spec(cfg.backbone)
-    policy = ResizePolicy.for_crop(cfg.image_size or spec.input_size)
+    policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
     source = discover(data, test_dir)
     device = resolve_device(cfg.device)
     if cfg.num_threads:
