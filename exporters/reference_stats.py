@@ -1,0 +1,147 @@
+"""The reference a drift report compares live traffic against, computed at export time. Pure numpy.
+
+Small figures (class prior, accuracy, ECE, temperature) go into bundle metadata; arrays (a sample
+of validation softmax outputs, the PCA basis and the projected embedding sample) go into
+`reference.npz`, so the service can load them without torch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+REFERENCE_FILE = "reference.npz"
+MAX_SAMPLE = 500
+MAX_PCA_COMPONENTS = 32
+ECE_BINS = 10
+# With fewer validation images than this, training embeddings join the PCA fit: a basis fitted on
+# 20 points has at most 19 directions and follows their noise.
+MIN_PCA_FIT = 2 * MAX_PCA_COMPONENTS
+_EPS = 1e-12
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+def class_prior(counts: list[int] | np.ndarray) -> np.ndarray:
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    return counts / total if total > 0 else np.full(len(counts), 1.0 / max(1, len(counts)))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Standard top-1 ECE: sum over equal-width confidence bins of |accuracy - confidence| x bin share."""
+    if len(labels) == 0:
+        return float("nan")
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == labels).astype(np.float64)
+    # Bin i holds confidences in (i/n, (i+1)/n]; confidence 0 cannot occur for a top-1 probability.
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        mask = bins == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): log p equals the logits up to a per-row constant, which softmax ignores."""
+    z = np.log(np.clip(probs, _EPS, 1.0)) / temperature
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    p = apply_temperature(probs, temperature)
+    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], _EPS, 1.0))))
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = TEMPERATURE_RANGE[0], hi: float = TEMPERATURE_RANGE[1],
+                    iters: int = 60) -> float:
+    """Temperature minimising validation NLL, by golden-section search on 1/T.
+
+    NLL is convex in the logit scale 1/T, so the search finds the optimum in [1/hi, 1/lo]."""
+    if len(labels) == 0:
+        return 1.0
+    a, b = 1.0 / hi, 1.0 / lo
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = _nll(probs, labels, 1 / c), _nll(probs, labels, 1 / d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = _nll(probs, labels, 1 / c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = _nll(probs, labels, 1 / d)
+    return float(2.0 / (a + b))
+
+
+def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean D, components k x D, explained variance ratio k) by SVD of the centred data."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(0)
+    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
+    k = max(1, min(k, vt.shape[0]))
+    var = s**2
+    ratio = var[:k] / var.sum() if var.sum() > 0 else np.zeros(k)
+    return mean.astype(np.float32), vt[:k].astype(np.float32), ratio.astype(np.float32)
+
+
+def project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    return ((np.asarray(x, dtype=np.float32) - mean) @ components.T).astype(np.float32)
+
+
+def reference_statistics(val_probs: np.ndarray, val_embeddings: np.ndarray, val_labels: np.ndarray,
+                         train_class_counts: list[int], extra_embeddings: np.ndarray | None = None,
+                         sample_size: int = MAX_SAMPLE, seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """(small stats for metadata, arrays for reference.npz) from validation outputs of the exported graph."""
+    n = len(val_labels)
+    fit_on = val_embeddings
+    if n < MIN_PCA_FIT and extra_embeddings is not None and len(extra_embeddings):
+        fit_on = np.concatenate([val_embeddings, extra_embeddings])
+    k = min(MAX_PCA_COMPONENTS, len(fit_on) - 1, val_embeddings.shape[1])
+    mean, components, ratio = fit_pca(fit_on, k)
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(n, size=min(n, sample_size), replace=False))
+    temperature = fit_temperature(val_probs, val_labels)
+    prior = class_prior(train_class_counts)
+    summary = {
+        "n_val": int(n),
+        "sample_size": int(len(idx)),
+        "class_prior": [float(p) for p in prior],
+        "val_accuracy": float(np.mean(val_probs.argmax(1) == val_labels)) if n else float("nan"),
+        "ece": expected_calibration_error(val_probs, val_labels),
+        "ece_bins": ECE_BINS,
+        "temperature": temperature,
+        # At a bound, NLL kept falling: typical of a perfectly separated (often tiny) validation set.
+        "temperature_at_bound": bool(temperature <= TEMPERATURE_RANGE[0] * 1.001 or temperature >= TEMPERATURE_RANGE[1] * 0.999),
+        "ece_after_temperature": expected_calibration_error(apply_temperature(val_probs, temperature), val_labels),
+        "pca": {"components": int(len(components)), "fitted_on": int(len(fit_on)),
+                "explained_variance": float(ratio.sum())},
+        "file": REFERENCE_FILE,
+    }
+    arrays = {
+        "class_prior": prior.astype(np.float32),
+        "probs_sample": val_probs[idx].astype(np.float32),
+        "labels_sample": val_labels[idx].astype(np.int64),
+        "pca_mean": mean,
+        "pca_components": components,
+        "pca_explained_variance_ratio": ratio,
+        "embeddings_pca_sample": project(val_embeddings[idx], mean, components),
+    }
+    return summary, arrays
+
+
+def save_reference(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    # Plain arrays only, so readers can (and do) load with allow_pickle=False.
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return Path(path)
+
+
+def load_reference(path: Path) -> dict[str, np.ndarray]:
+    with np.load(Path(path), allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
