@@ -16,7 +16,7 @@ from exporters.reference_stats import (apply_temperature, expected_calibration_e
                                        load_reference, reference_statistics)
 from exporters.variants import build_and_judge, refusal_reason
 from tests.training_data import fast_config, make_digits
-from training.cli.export_cmd import read_export_inputs
+from training.export_inputs import read_export_inputs
 from training.run_dir import read_json
 
 

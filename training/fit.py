@@ -23,7 +23,7 @@ from training.image_cache import DecodedImages, decode_files
 from training.metrics import classification_scores
 from training.model import build_classifier
 from training.plots import plot_confusion, plot_curves
-from training.run_dir import CONFIG, METRICS, SKIPPED, SPLITS, save_model, write_json
+from training.run_dir import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
 from training.splits import stratified_split
 
 
@@ -228,8 +228,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None,
     save_config(cfg, out / CONFIG)
     write_json(out / METRICS, metrics)
     write_json(out / SKIPPED, splits.skipped)
-    write_json(out / SPLITS, {k: [str(p) for p in getattr(splits, k).paths] if getattr(splits, k) is not None else None
-                              for k in ("train", "val", "test")} | {"origin": source.origin, "carved": splits.carved})
+    write_splits(out, {k: getattr(splits, k) for k in ("train", "val", "test")}, source.origin, splits.carved)
     plot_curves(fit.history, out / "curves.png", fit.best_epoch)
     for name in ("val", "test"):
         if name in metrics:

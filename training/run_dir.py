@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -53,6 +54,27 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise TrainingError(f"{run_dir / WEIGHTS} does not match {MODEL_INFO}: {e}") from None
     model.eval()
     return LoadedRun(model, info["classes"], ResizePolicy(**info["policy"]), info, run_dir)
+
+
+def write_splits(run_dir: Path, parts: dict, origin: dict, carved: list[str]) -> None:
+    """splits.json: absolute path and class index of every image in each split (None = no such split)."""
+    doc = {"origin": origin, "carved": carved, "labels": {}}
+    for name, data in parts.items():
+        doc[name] = None if data is None else [str(Path(p).resolve()) for p in data.paths]
+        doc["labels"][name] = None if data is None else [int(y) for y in data.labels]
+    write_json(Path(run_dir) / SPLITS, doc)
+
+
+def read_split(run_dir: Path, name: str) -> tuple[list[str], np.ndarray]:
+    """(paths, class indices) of one split of a run; empty when the run had no such split."""
+    path = Path(run_dir) / SPLITS
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing: this run predates split records; train it again")
+    doc = read_json(path)
+    paths, labels = doc.get(name) or [], (doc.get("labels") or {}).get(name)
+    if paths and (labels is None or len(labels) != len(paths)):
+        raise TrainingError(f"{path} lists no labels for its {name} split; train the run again")
+    return paths, np.asarray(labels or [], dtype=np.int64)
 
 
 def read_json(path: Path) -> dict:

@@ -5,124 +5,15 @@ stdout gets the version id alone (scripts capture it); everything for humans goe
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
 import typer
 from rich.console import Console
 
 from training.cli.common import EXIT_BAD_INPUT, emit_json, fail, guarded
 
-if TYPE_CHECKING:
-    from exporters.bundle import LabeledImages, RunDescription
-    from exporters.preprocess import ResizePolicy
-    from training.run_dir import LoadedRun
-
 console = Console(stderr=True)
 PROMOTE_ALIASES = ("candidate", "production")
-
-
-def split_labels(splits: dict, classes: list[str]) -> dict[str, int]:
-    """path -> class index. splits.json lists paths only, so labels come from re-discovering the
-    run's data origin (ImageFolder or manifest); an image's parent folder name is the fallback."""
-    from training.datasets import discover
-
-    labels: dict[str, int] = {}
-    origin = splits.get("origin") or {}
-    data = origin.get("data")
-    if data and Path(data).exists():
-        try:
-            source = discover(Path(data), Path(origin["test_dir"]) if origin.get("test_dir") else None)
-            for part in (source.train, source.val, source.test):
-                if part is not None:
-                    labels.update({str(p): classes.index(part.classes[int(y)]) for p, y in zip(part.paths, part.labels)})
-        except Exception:  # a changed origin is not fatal: the folder-name fallback may still label everything
-            pass
-    return labels
-
-
-def _label_of(path: str, split: str, classes: list[str], labels: dict[str, int], origin: dict) -> int:
-    if path in labels:
-        return labels[path]
-    if Path(path).parent.name in classes:
-        return classes.index(Path(path).parent.name)
-    from exporters.errors import ExportError
-
-    raise ExportError(f"cannot tell the label of {split} image {path}: it is in no class folder and the run's data "
-                      f"origin {origin} no longer lists it; restore the data the run was trained on")
-
-
-def split_class_counts(splits: dict, name: str, classes: list[str], labels: dict[str, int]) -> list[int]:
-    """Images per class in a split, from the file list alone (nothing decoded)."""
-    ys = [_label_of(p, name, classes, labels, splits.get("origin")) for p in splits.get(name) or []]
-    return np.bincount(np.asarray(ys, dtype=np.int64), minlength=len(classes)).tolist()
-
-
-def split_images(splits: dict, name: str, classes: list[str], policy: ResizePolicy, labels: dict[str, int],
-                 limit: int | None = None) -> LabeledImages:
-    """A split's images preprocessed exactly as served (at most `limit`, spread over the split) and their labels."""
-    from exporters.bundle import LabeledImages, spread_sample
-    from exporters.errors import ExportError
-    from exporters.preprocess import ImageDecodeError, load_model_input
-
-    paths = splits.get(name) or []
-    if limit is not None and len(paths) > limit:
-        paths = [paths[i] for i in spread_sample(len(paths), limit)]
-    images, ys = [], []
-    for p in paths:
-        ys.append(_label_of(p, name, classes, labels, splits.get("origin")))
-        try:
-            images.append(load_model_input(p, policy))
-        except FileNotFoundError:
-            raise ExportError(f"{name} image {p} listed in splits.json does not exist; relative paths are relative to the "
-                              "folder `cnnloop train` ran in: run export from there, or restore the data") from None
-        except ImageDecodeError as e:
-            raise ExportError(f"{name} image {p} no longer decodes ({e}); restore the data the run was trained on") from None
-    if not images:
-        return LabeledImages(np.zeros((0, policy.crop_size, policy.crop_size, 3), np.uint8), np.zeros(0, np.int64))
-    return LabeledImages(np.stack(images), np.asarray(ys, dtype=np.int64))
-
-
-def run_description(run_dir: Path, info: dict, splits: dict, classes: list[str], labels: dict[str, int]) -> RunDescription:
-    import yaml
-
-    from exporters.bundle import RunDescription, dataset_fingerprint
-    from training.run_dir import CONFIG, METRICS, read_json
-
-    config = yaml.safe_load((run_dir / CONFIG).read_text()) if (run_dir / CONFIG).is_file() else {}
-    metrics = read_json(run_dir / METRICS) if (run_dir / METRICS).is_file() else {}
-    return RunDescription(backbone=info["backbone"], training_config=config, metrics=metrics,
-                          dataset_fingerprint=dataset_fingerprint(splits.get("train") or []),
-                          train_class_counts=split_class_counts(splits, "train", classes, labels),
-                          source_run=str(run_dir.resolve()))
-
-
-@dataclass
-class ExportInputs:
-    run: LoadedRun
-    val: LabeledImages
-    train_images: np.ndarray
-    description: RunDescription
-
-
-def read_export_inputs(run_dir: Path) -> ExportInputs:
-    """Everything export_bundle needs from a run dir: the model, val images + labels, a train sample."""
-    from exporters.bundle import TRAIN_SAMPLE
-    from exporters.errors import ExportError
-    from training.run_dir import SPLITS, load_run, read_json
-
-    run = load_run(run_dir)
-    if not (run_dir / SPLITS).is_file():
-        raise ExportError(f"{run_dir / SPLITS} is missing; the export needs the run's val/train image lists (retrain the run)")
-    splits = read_json(run_dir / SPLITS)
-    labels = split_labels(splits, run.classes)
-    console.print(f"decoding {len(splits.get('val') or [])} val and up to {TRAIN_SAMPLE} train images ...", highlight=False)
-    val = split_images(splits, "val", run.classes, run.policy, labels)
-    # A sample is enough: training images serve int8 calibration and the PCA fit only.
-    train = split_images(splits, "train", run.classes, run.policy, labels, limit=TRAIN_SAMPLE)
-    return ExportInputs(run, val, train.images, run_description(run_dir, run.info, splits, run.classes, labels))
 
 
 def register(app: typer.Typer) -> None:
@@ -155,6 +46,7 @@ def register(app: typer.Typer) -> None:
         from exporters.bundle import export_bundle
         from exporters.registry import Registry
         from exporters.variants import parse_variants
+        from training.export_inputs import read_export_inputs
 
         with guarded():
             wanted = parse_variants(variants)
