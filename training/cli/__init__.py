@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from training.cli import data_cmd, demo_cmd, export_cmd, registry_cmd, train_cmd
+from training.cli import serve_cmd
 
 app = typer.Typer(
     name="cnnloop",
@@ -16,6 +17,7 @@ app = typer.Typer(
 app.add_typer(data_cmd.app, name="data")
 train_cmd.register(app)
 demo_cmd.register(app)
+serve_cmd.register(app)
 export_cmd.register(app)
 
 app.add_typer(registry_cmd.app, name="registry")

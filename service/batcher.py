@@ -1,0 +1,138 @@
+"""Adaptive batching: images from concurrent requests share one inference call.
+
+Why not `@bentoml.api(batchable=True)`: its dispatcher batches one API argument, so per-request
+validation (decode errors must be that request's 4xx) and per-image bookkeeping would run inside the
+merged batch; calling a batchable API from another API goes through BentoML's self-proxy (HTTP
+serialisation of the arrays); and its dispatcher answers 503 when its latency estimate exceeds
+max_latency_ms, which a client sees as a failed request under load. This batcher never refuses.
+
+Policy: a batch starts when its first image arrives and closes when it holds `max_batch_size` images
+or that image has waited `max_latency_ms`. While one batch runs, the next one fills, so the batch
+size follows the load with no added wait under load (the deadline has already passed) and at most
+`max_latency_ms` when idle. Images decoded for different models (a swap happened in between) never
+share a batch: each image runs on the model its request snapshotted.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+class BatchModel(Protocol):
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass
+class _Item:
+    model: BatchModel
+    image: np.ndarray
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class AdaptiveBatcher:
+    """Queue of single images -> batched `model.run` calls on one inference thread."""
+
+    def __init__(self, max_batch_size: int, max_latency_ms: float,
+                 on_batch: Callable[[int, float], Any] | None = None, concurrent_batches: int = 1):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.max_latency_s = max(0.0, max_latency_ms) / 1000.0
+        self._on_batch = on_batch or (lambda size, seconds: None)
+        self._executor = ThreadPoolExecutor(max_workers=concurrent_batches, thread_name_prefix="cnnloop-infer")
+        self._slots = asyncio.Semaphore(concurrent_batches)
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._carry: collections.deque[_Item] = collections.deque()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name="cnnloop-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, model: BatchModel, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and embeddings of `images` (N,H,W,3 uint8) under `model`, batched with others."""
+        if self._task is None:
+            raise RuntimeError("AdaptiveBatcher.start() was not called")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for image in images:
+            fut = loop.create_future()
+            self._queue.put_nowait(_Item(model, image, fut))
+            futures.append(fut)
+        results = await asyncio.gather(*futures)
+        return np.stack([p for p, _ in results]), np.stack([e for _, e in results])
+
+    async def _next_item(self, timeout: float | None) -> _Item | None:
+        if self._carry:
+            return self._carry.popleft()
+        if timeout is None:
+            return await self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if timeout <= 0:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _collect(self) -> list[_Item]:
+        first = await self._next_item(None)
+        batch = [first]
+        deadline = first.enqueued + self.max_latency_s
+        deferred = []
+        while len(batch) < self.max_batch_size:
+            item = await self._next_item(deadline - time.perf_counter())
+            if item is None:
+                break
+            (batch if item.model is first.model else deferred).append(item)
+        self._carry.extend(deferred)
+        return [it for it in batch if not it.future.done()]  # done = its request was cancelled
+
+    async def _loop(self) -> None:
+        while True:
+            # A free inference slot first, then the batch: images keep queueing (and the batch keeps
+            # growing) while every slot is busy.
+            await self._slots.acquire()
+            batch = await self._collect()
+            if not batch:
+                self._slots.release()
+                continue
+            asyncio.get_running_loop().create_task(self._run(batch))
+
+    async def _run(self, batch: list[_Item]) -> None:
+        try:
+            images = np.stack([it.image for it in batch])
+            start = time.perf_counter()
+            try:
+                probs, embs = await asyncio.get_running_loop().run_in_executor(self._executor, batch[0].model.run, images)
+            except Exception as e:  # a failing graph fails these requests, never the loop
+                for it in batch:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                return
+            self._on_batch(len(batch), time.perf_counter() - start)
+            for i, it in enumerate(batch):
+                if not it.future.done():
+                    it.future.set_result((probs[i], embs[i]))
+        finally:
+            self._slots.release()

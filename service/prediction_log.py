@@ -1,0 +1,326 @@
+"""Where predictions, feedback and labeled inputs are kept, so that feedback becomes training data.
+
+Two backends behind one small interface:
+- `SqlitePredictionLog` (default, local data dir): one SQLite file in WAL mode (readers never block
+  the writer; a crash loses nothing committed) plus content-addressed image files.
+- `S3PredictionLog` (data dir `s3://...`): one object per record under a key no other replica can
+  produce (a time-ordered random id), so N replicas write at once without a lock and without losing
+  or overwriting anything. Feedback is one object per event; the newest event wins on read.
+
+Images are content-addressed: `images/<sha256[:2]>/<sha256>`, so the same photo is stored once
+however often it is predicted. Layout (both backends, S3 keys relative to the data dir):
+    images/ab/ab12...               raw bytes as uploaded
+    predictions/2024-05-01/<id>.json   (S3) one record per predicted image
+    feedback/<id>/<ns>-<rand>.json     (S3) one event per feedback change
+    labeled/2024-05-01/<id>.json       (S3) one record per directly submitted labeled image
+    predictions.sqlite3                (local) tables predictions, feedback_events, labeled_inputs
+"""
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+
+from exporters.storage import Store, open_store
+
+SQLITE_FILE = "predictions.sqlite3"
+
+
+def new_record_id(now: float | None = None) -> str:
+    """32 hex chars: 12 of milliseconds since the epoch, then 20 random. Time-ordered, collision-free."""
+    ms = int((time.time() if now is None else now) * 1000)
+    return f"{ms:012x}{secrets.token_hex(10)}"
+
+
+def record_date(record_id: str) -> str:
+    """The UTC date a record id was minted on, e.g. '2024-05-01' (the S3 key partition); ValueError if not an id."""
+    if not is_record_id(record_id):
+        raise ValueError(f"{record_id!r} is not a record id")
+    ms = int(record_id[:12], 16)
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d")
+
+
+def is_record_id(value: str) -> bool:
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def image_key(sha256: str) -> str:
+    return f"images/{sha256[:2]}/{sha256}"
+
+
+def encode_embedding(embedding: np.ndarray | None) -> bytes | None:
+    return None if embedding is None else np.asarray(embedding, dtype=np.float16).tobytes()
+
+
+def decode_embedding(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+
+
+@dataclass
+class PredictionRecord:
+    prediction_id: str
+    created_at: float
+    model_version: str
+    label: str
+    confidence: float
+    probabilities: list[float]
+    image_sha256: str
+    image_stored: bool
+    filename: str
+    embedding: bytes | None = field(default=None, repr=False)  # float16, see encode_embedding
+    # "pca": projected on the bundle's reference PCA basis (what the drift report compares); "raw": pooled embedding
+    embedding_space: str | None = None
+    feedback_label: str | None = None
+    feedback_at: float | None = None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["embedding"] = base64.b64encode(self.embedding).decode() if self.embedding is not None else None
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PredictionRecord":
+        d = dict(d)
+        d["embedding"] = base64.b64decode(d["embedding"]) if d.get("embedding") else None
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class FeedbackOutcome:
+    prediction_id: str
+    label: str
+    predicted_label: str
+    previous_label: str | None
+    changed: bool  # False when the same label was already recorded (idempotent repeat)
+
+
+@dataclass(frozen=True)
+class LabeledExample:
+    """One training example the loop has earned: stored image bytes + a human label."""
+
+    image_sha256: str
+    label: str
+    source: str  # "feedback" | "direct"
+    record_id: str
+
+
+def store_image_once(store: Store, sha256: str, data: bytes) -> None:
+    key = image_key(sha256)
+    if not store.exists(key):  # the common repeat costs one stat/HEAD; a race still writes it only once
+        store.put_if_absent(key, data)
+
+
+class PredictionLog(Protocol):
+    def store_image(self, sha256: str, data: bytes) -> None: ...
+    def add_predictions(self, records: list[PredictionRecord]) -> None: ...
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None: ...
+    def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None: ...
+    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str: ...
+    def feedback_summary(self) -> tuple[int, int]: ...
+    def labeled_examples(self) -> Iterator[LabeledExample]: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    prediction_id TEXT PRIMARY KEY, created_at REAL NOT NULL, model_version TEXT NOT NULL,
+    label TEXT NOT NULL, confidence REAL NOT NULL, probabilities TEXT NOT NULL,
+    image_sha256 TEXT NOT NULL, image_stored INTEGER NOT NULL, filename TEXT NOT NULL,
+    embedding BLOB, embedding_space TEXT, feedback_label TEXT, feedback_at REAL);
+CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
+CREATE TABLE IF NOT EXISTS feedback_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, prediction_id TEXT NOT NULL, label TEXT NOT NULL,
+    previous_label TEXT, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS labeled_inputs (
+    input_id TEXT PRIMARY KEY, created_at REAL NOT NULL, image_sha256 TEXT NOT NULL,
+    label TEXT NOT NULL, filename TEXT NOT NULL);
+"""
+_COLUMNS = list(PredictionRecord.__dataclass_fields__)
+
+
+class SqlitePredictionLog:
+    """SQLite (WAL) records + content-addressed image files, under one local directory."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.images = open_store(str(self.root))
+        self.path = self.root / SQLITE_FILE
+        # One connection shared by the log's callers; the lock serialises them (SQLite has one writer anyway).
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a power cut may drop the last transactions, never corrupts the file.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def store_image(self, sha256: str, data: bytes) -> None:
+        store_image_once(self.images, sha256, data)
+
+    def image_path(self, sha256: str) -> Path:
+        return self.root / image_key(sha256)
+
+    def add_predictions(self, records: list[PredictionRecord]) -> None:
+        rows = [
+            (r.prediction_id, r.created_at, r.model_version, r.label, r.confidence, json.dumps(r.probabilities),
+             r.image_sha256, int(r.image_stored), r.filename, r.embedding, r.embedding_space, r.feedback_label, r.feedback_at)
+            for r in records
+        ]
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(f"INSERT INTO predictions ({','.join(_COLUMNS)}) VALUES ({','.join('?' * len(_COLUMNS))})", rows)
+            self._db.execute("COMMIT")
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM predictions WHERE prediction_id = ?",
+                                   (prediction_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(zip(_COLUMNS, row))
+        d["probabilities"] = json.loads(d["probabilities"])
+        d["image_stored"] = bool(d["image_stored"])
+        return PredictionRecord(**d)
+
+    def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT label, feedback_label FROM predictions WHERE prediction_id = ?",
+                                       (prediction_id,)).fetchone()
+                if row is None:
+                    self._db.execute("ROLLBACK")
+                    return None
+                predicted, previous = row
+                changed = previous != label
+                if changed:
+                    self._db.execute("UPDATE predictions SET feedback_label = ?, feedback_at = ? WHERE prediction_id = ?",
+                                     (label, now, prediction_id))
+                    self._db.execute("INSERT INTO feedback_events (prediction_id, label, previous_label, at) VALUES (?,?,?,?)",
+                                     (prediction_id, label, previous, now))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return FeedbackOutcome(prediction_id, label, predicted, previous, changed)
+
+    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str:
+        input_id = new_record_id()
+        with self._lock:
+            self._db.execute("INSERT INTO labeled_inputs (input_id, created_at, image_sha256, label, filename) VALUES (?,?,?,?,?)",
+                             (input_id, time.time(), sha256, label, filename))
+        return input_id
+
+    def feedback_summary(self) -> tuple[int, int]:
+        """(predictions with a feedback label, of which the model predicted that label)."""
+        with self._lock:
+            n, agreed = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(feedback_label = label), 0) FROM predictions WHERE feedback_label IS NOT NULL"
+            ).fetchone()
+        return int(n), int(agreed)
+
+    def labeled_examples(self) -> Iterator[LabeledExample]:
+        with self._lock:
+            fb = self._db.execute("SELECT image_sha256, feedback_label, prediction_id FROM predictions "
+                                  "WHERE feedback_label IS NOT NULL AND image_stored = 1").fetchall()
+            direct = self._db.execute("SELECT image_sha256, label, input_id FROM labeled_inputs").fetchall()
+        for sha, label, rid in fb:
+            yield LabeledExample(sha, label, "feedback", rid)
+        for sha, label, rid in direct:
+            yield LabeledExample(sha, label, "direct", rid)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class S3PredictionLog:
+    """One object per record on an S3 store: safe with any number of replicas writing at once."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def store_image(self, sha256: str, data: bytes) -> None:
+        store_image_once(self.store, sha256, data)
+
+    def _put_new(self, key: str, body: dict) -> None:
+        if not self.store.put_if_absent(key, json.dumps(body).encode()):
+            raise RuntimeError(f"{self.store.describe(key)} already exists; record ids must be unique")
+
+    @staticmethod
+    def _prediction_key(prediction_id: str) -> str:
+        return f"predictions/{record_date(prediction_id)}/{prediction_id}.json"
+
+    def add_predictions(self, records: list[PredictionRecord]) -> None:
+        for r in records:
+            self._put_new(self._prediction_key(r.prediction_id), r.to_json())
+
+    def _latest_feedback(self, prediction_id: str) -> tuple[str | None, float | None]:
+        keys = sorted(self.store.list(f"feedback/{prediction_id}"))
+        if not keys:
+            return None, None
+        event = json.loads(self.store.get_bytes(keys[-1]))
+        return event["label"], event["at"]
+
+    def get_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        try:
+            key = self._prediction_key(prediction_id)
+        except ValueError:  # not an id this service minted (malformed, or a date out of range)
+            return None
+        if not self.store.exists(key):
+            return None
+        record = PredictionRecord.from_json(json.loads(self.store.get_bytes(key)))
+        record.feedback_label, record.feedback_at = self._latest_feedback(prediction_id)
+        return record
+
+    def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None:
+        record = self.get_prediction(prediction_id)
+        if record is None:
+            return None
+        previous = record.feedback_label
+        changed = previous != label
+        if changed:
+            now = time.time()
+            # ns timestamp first: the newest event sorts last; the random tail keeps two replicas'
+            # events in the same nanosecond apart.
+            key = f"feedback/{prediction_id}/{time.time_ns():020d}-{secrets.token_hex(4)}.json"
+            self._put_new(key, {"prediction_id": prediction_id, "label": label, "previous_label": previous, "at": now})
+        return FeedbackOutcome(prediction_id, label, record.label, previous, changed)
+
+    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str:
+        input_id = new_record_id()
+        body = {"input_id": input_id, "created_at": time.time(), "image_sha256": sha256, "label": label, "filename": filename}
+        self._put_new(f"labeled/{record_date(input_id)}/{input_id}.json", body)
+        return input_id
+
+    def feedback_summary(self) -> tuple[int, int]:
+        # Counting would read every feedback object; on S3 the gauge starts from this process's feedback.
+        return 0, 0
+
+    def labeled_examples(self) -> Iterator[LabeledExample]:
+        seen: set[str] = set()
+        for key in sorted(self.store.list("feedback")):
+            pid = key.split("/")[1]
+            if pid in seen:
+                continue
+            seen.add(pid)
+            record = self.get_prediction(pid)
+            if record and record.image_stored and record.feedback_label:
+                yield LabeledExample(record.image_sha256, record.feedback_label, "feedback", pid)
+        for key in self.store.list("labeled"):
+            d = json.loads(self.store.get_bytes(key))
+            yield LabeledExample(d["image_sha256"], d["label"], "direct", d["input_id"])
+
+    def close(self) -> None:
+        pass
