@@ -42,7 +42,14 @@ class ResizePolicy:
         return asdict(self)
 
 
-def _open(data: bytes | Path | str) -> Image.Image:
+def _reason(e: Exception) -> str:
+    # PIL messages name the file object ("<_io.BytesIO object at 0x...>"): clients need the reason only.
+    import re
+
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip()
+
+
+def _open(data: bytes | Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if isinstance(data, (str, Path)):
         data = Path(data).read_bytes()
     if not data:
@@ -51,20 +58,20 @@ def _open(data: bytes | Path | str) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
         w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, over the {MAX_PIXELS} limit")
+        if w * h > max_pixels:
+            raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels} limit")
         return img
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"decompression bomb refused: {e}") from None
+        raise ImageDecodeError(f"decompression bomb refused: {_reason(e)}") from None
     except Exception as e:  # PIL raises many types for bad bytes; all mean "not an image"
-        raise ImageDecodeError(f"not a decodable image: {e}") from None
+        raise ImageDecodeError(f"not a decodable image: {_reason(e)}") from None
 
 
-def decode_resized_square(data: bytes | Path | str, size: int) -> np.ndarray:
+def decode_resized_square(data: bytes | Path | str, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode to RGB, resize the shorter side to `size`, centre-crop a size x size square (uint8 HWC)."""
-    img = _open(data)
+    img = _open(data, max_pixels)
     try:
         # draft() lets libjpeg decode at 1/2, 1/4, 1/8 scale: large JPEGs decode several times faster.
         if img.format == "JPEG":
@@ -80,7 +87,7 @@ def decode_resized_square(data: bytes | Path | str, size: int) -> np.ndarray:
     except ImageDecodeError:
         raise
     except Exception as e:
-        raise ImageDecodeError(f"not a decodable image: {e}") from None
+        raise ImageDecodeError(f"not a decodable image: {_reason(e)}") from None
     return np.ascontiguousarray(arr)
 
 
@@ -91,6 +98,6 @@ def center_crop(square: np.ndarray, crop_size: int) -> np.ndarray:
     return square[..., top : top + crop_size, left : left + crop_size, :]
 
 
-def load_model_input(data: bytes | Path | str, policy: ResizePolicy) -> np.ndarray:
+def load_model_input(data: bytes | Path | str, policy: ResizePolicy, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """One image file -> uint8 HWC array at the model's resolution, exactly as training evaluated."""
-    return np.ascontiguousarray(center_crop(decode_resized_square(data, policy.resize_size), policy.crop_size))
+    return np.ascontiguousarray(center_crop(decode_resized_square(data, policy.resize_size, max_pixels), policy.crop_size))
