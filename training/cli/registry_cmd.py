@@ -1,62 +1,100 @@
-"""`cnnloop registry list|show|promote|rollback`: needs no torch."""
+"""`cnnloop registry list|show|promote|rollback`: reads and moves registry aliases; needs no torch."""
 from __future__ import annotations
 
-import os
+import json
+from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from training.cli.common import emit_json, guarded
 
-app = typer.Typer(help="List, inspect, promote and roll back model versions.", no_args_is_help=True)
-console = Console(stderr=True)
+app = typer.Typer(help="List, inspect, promote and roll back model versions in a registry.", no_args_is_help=True)
+console = Console()
 
-RegistryOpt = typer.Option(None, "--registry", help="Registry URI: a local dir or s3://bucket/prefix (default: $CNNLOOP_REGISTRY, else ./registry).")
-EndpointOpt = typer.Option(None, "--endpoint-url", help="S3 API endpoint (MinIO, Ceph...); default: $CNNLOOP_S3_ENDPOINT_URL or AWS.")
-JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+# Metadata too large to be worth reading in a terminal; `show --json` still prints it.
+_BULKY_FIELDS = ("reference", "files", "variants", "training", "input", "outputs", "onnx", "preprocess")
+
+RegistryOpt = typer.Option("./registry", "--registry", envvar="CNNLOOP_REGISTRY", show_envvar=True,
+                           help="Registry URI: a local folder or s3://bucket/prefix.")
+EndpointOpt = typer.Option(None, "--endpoint-url", envvar="CNNLOOP_S3_ENDPOINT_URL", show_envvar=True,
+                           help="S3 API endpoint (MinIO, Ceph, moto...); unset: AWS_ENDPOINT_URL or AWS itself.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout for scripts instead of a table.")
+AliasOpt = typer.Option("production", "--alias", help="Alias to move: production or candidate.")
 
 
-def open_registry(uri: str | None, endpoint_url: str | None):
-    from exporters.registry import Registry
+def open_registry(uri: str, endpoint_url: str | None):
+    from exporters.registry import Registry  # boto3 and the registry load only when a command runs
 
-    return Registry.open(uri or os.environ.get("CNNLOOP_REGISTRY") or "registry",
-                         endpoint_url=endpoint_url or os.environ.get("CNNLOOP_S3_ENDPOINT_URL") or None)
+    return Registry.open(uri, endpoint_url=endpoint_url or None)
+
+
+def _metric(metrics: Any, split: str) -> str:
+    value = ((metrics or {}).get(split) or {}).get("accuracy") if isinstance(metrics, dict) else None
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
 @app.command("list")
 def list_command(registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
-    """List every complete version, oldest first, with the aliases pointing at it."""
+    """List every complete version, oldest first, with the aliases that point at it.
+
+    Uploads that never finished (no bundle.json) are not listed."""
     with guarded():
         rows = open_registry(registry, endpoint_url).list_versions()
     if json_out:
         return emit_json(rows)
-    t = Table(title="model versions")
-    for col in ("version", "created_at", "aliases", "backbone", "val accuracy", "parent"):
-        t.add_column(col)
+    if not rows:
+        console.print(f"no versions in {registry} yet; publish one with `cnnloop export RUN_DIR --registry {registry}`")
+        return
+    t = Table(title=f"model versions in {registry}")
+    # Ids never wrap or get cut: people copy them into `promote`. An id already says when the
+    # version was made (UTC), so no separate date column is needed to fit 80 columns.
+    t.add_column("version", no_wrap=True, min_width=23)
+    for col in ("aliases", "backbone", "val acc", "test acc"):
+        t.add_column(col, overflow="fold")
     for r in rows:
-        acc = f"{r['val_accuracy']:.4f}" if isinstance(r["val_accuracy"], (int, float)) else "-"
-        t.add_row(r["version"], r["created_at"] or "-", ", ".join(r["aliases"]) or "-", r["backbone"] or "-", acc, r["parent"] or "-")
+        if "error" in r:
+            t.add_row(r["version"], "-", f"[red]{escape(r['error'])}[/]", "-", "-")
+            continue
+        t.add_row(r["version"], ", ".join(r["aliases"]) or "-", escape(str(r["backbone"] or "-")),
+                  _metric(r["metrics"], "val"), _metric(r["metrics"], "test"))
     console.print(t)
 
 
 @app.command("show")
 def show_command(version: str = typer.Argument(..., help="A version id, or an alias (production, candidate)."),
                  registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
-    """Show a version's metadata (labels, metrics, files with checksums, variants)."""
+    """Show one version: its metadata and every file with size and sha256.
+
+    --json prints the whole bundle.json, including the drift reference statistics."""
     with guarded():
         reg = open_registry(registry, endpoint_url)
         meta = reg.show(reg.resolve_ref(version))
     if json_out:
         return emit_json(meta)
-    console.print_json(data={k: v for k, v in meta.items() if k not in ("reference",)}, default=str)
+    t = Table(title=f"version {meta['version']}", show_header=False)
+    t.add_column("field", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    for key, value in meta.items():
+        if key not in _BULKY_FIELDS:
+            t.add_row(key, escape(value if isinstance(value, str) else json.dumps(value, default=str)))
+    console.print(t)
+    # Files as plain unwrapped lines, not a table: a sha256 is only useful whole and uncut.
+    console.print("files:", style="bold")
+    for name, entry in meta.get("files", {}).items():
+        console.print(f"  {name}  {entry['size']:,} bytes  sha256 {entry['sha256']}", soft_wrap=True, highlight=False)
 
 
 @app.command("promote")
 def promote_command(version: str = typer.Argument(..., help="Version id to point the alias at."),
-                    alias: str = typer.Option("production", "--alias", help="production or candidate."),
-                    registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
-    """Move an alias (default production) to a version; the old target is kept for rollback."""
+                    alias: str = AliasOpt, registry: str = RegistryOpt, endpoint_url: str = EndpointOpt,
+                    json_out: bool = JsonOpt) -> None:
+    """Point an alias (default production) at a complete version.
+
+    The version it pointed at before is kept in the alias history, so `rollback` can undo this.
+    Services following the alias pick the new version up at their next poll."""
     with guarded():
         res = open_registry(registry, endpoint_url).promote(version, alias)
     if json_out:
@@ -65,9 +103,11 @@ def promote_command(version: str = typer.Argument(..., help="Version id to point
 
 
 @app.command("rollback")
-def rollback_command(alias: str = typer.Option("production", "--alias", help="production or candidate."),
-                     registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
-    """Move an alias back to the version it pointed at before the last promote."""
+def rollback_command(alias: str = AliasOpt, registry: str = RegistryOpt, endpoint_url: str = EndpointOpt,
+                     json_out: bool = JsonOpt) -> None:
+    """Point an alias back at the version it pointed at before its last promote.
+
+    Repeat it to walk further back; it fails when the alias has no earlier version."""
     with guarded():
         res = open_registry(registry, endpoint_url).rollback(alias)
     if json_out:
