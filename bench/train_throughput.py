@@ -37,11 +37,25 @@ def _split_files(data: Path, seed: int = 0):
     return src.subset(keep), src.subset(held)
 
 
+class DecodeEveryTime:
+    """torchvision ImageFolder semantics over the shared file list: PIL-decode on every access."""
+
+    def __init__(self, files, tf):
+        self.files, self.tf = files, tf
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from torchvision.datasets.folder import default_loader
+
+        return self.tf(default_loader(str(self.files.paths[i]))), int(self.files.labels[i])
+
+
 def run_baseline(data: Path, epochs: int, batch: int) -> dict:
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import DataLoader
     from torchvision import transforms
-    from torchvision.datasets.folder import default_loader
 
     from training.backbones import get_backbone_spec
     from training.model import build_classifier
@@ -52,23 +66,13 @@ def run_baseline(data: Path, epochs: int, batch: int) -> dict:
     tf_train = transforms.Compose([transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor()])
     tf_val = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor()])
 
-    class Files(Dataset):  # torchvision ImageFolder semantics over the shared file list: decode every access
-        def __init__(self, files, tf):
-            self.files, self.tf = files, tf
-
-        def __len__(self):
-            return len(self.files)
-
-        def __getitem__(self, i):
-            return self.tf(default_loader(str(self.files.paths[i]))), int(self.files.labels[i])
-
     model, _ = build_classifier(get_backbone_spec("efficientnet_lite0"), 2)
     model.mean.fill_(0.0), model.std.fill_(1.0)  # the tutorial normalises in the transform instead
     opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.1)
     crit = torch.nn.CrossEntropyLoss()
-    train_dl = DataLoader(Files(train_files, tf_train), batch_size=batch, shuffle=True, num_workers=2)
-    val_dl = DataLoader(Files(val_files, tf_val), batch_size=batch, num_workers=2)
+    train_dl = DataLoader(DecodeEveryTime(train_files, tf_train), batch_size=batch, shuffle=True, num_workers=2)
+    val_dl = DataLoader(DecodeEveryTime(val_files, tf_val), batch_size=batch, num_workers=2)
     t0 = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -131,8 +135,10 @@ def main() -> None:
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(name, args, q))
             p.start()
-            res = q.get()
             p.join()
+            if p.exitcode != 0 or q.empty():
+                sys.exit(f"{name} failed (exit code {p.exitcode}); see the traceback above")
+            res = q.get()
             res["images_per_s"] = res["train_images"] / res["seconds"]
             results[name].append(res)
             print(f"round {r + 1} {name}: {res['images_per_s']:.2f} img/s, peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
