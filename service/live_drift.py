@@ -13,20 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Bins with no mass would make PSI infinite; this floor is the usual convention (0.01% of mass).
-PSI_EPSILON = 1e-4
-
-
-def psi(expected: np.ndarray, observed: np.ndarray, eps: float = PSI_EPSILON) -> float:
-    """Population stability index of two distributions over the same bins (counts or fractions)."""
-    e = np.asarray(expected, dtype=np.float64)
-    o = np.asarray(observed, dtype=np.float64)
-    if e.shape != o.shape or e.sum() <= 0 or o.sum() <= 0:
-        return 0.0
-    e = np.clip(e / e.sum(), eps, None)
-    o = np.clip(o / o.sum(), eps, None)
-    e, o = e / e.sum(), o / o.sum()
-    return float(np.sum((o - e) * np.log(o / e)))
+from exporters.reference_stats import psi
 
 
 @dataclass(frozen=True)

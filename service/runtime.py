@@ -24,7 +24,7 @@ from service.errors import NotFound, NotReady, Unprocessable
 from service.live_drift import LiveDrift
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
-from service.prediction_log import (PredictionLog, PredictionRecord, S3PredictionLog, SqlitePredictionLog,
+from exporters.prediction_log import (PredictionLog, PredictionRecord, S3PredictionLog, SqlitePredictionLog,
                                     encode_embedding, new_record_id)
 from service.request_validation import FeedbackIn, Upload, check_pixel_limit
 from service.settings import ServiceSettings

@@ -11,8 +11,9 @@ from pydantic import SecretStr
 from service.auth import require_bearer
 from service.batcher import AdaptiveBatcher
 from service.errors import ConfigError, Unauthorized
-from service.live_drift import LiveDrift, psi
-from service.prediction_log import PredictionRecord, SqlitePredictionLog, new_record_id, record_date
+from exporters.reference_stats import psi
+from service.live_drift import LiveDrift
+from exporters.prediction_log import PredictionRecord, SqlitePredictionLog, new_record_id, record_date
 from service.settings import load_service_settings
 
 
@@ -177,7 +178,7 @@ def test_s3_log_replicas_writing_at_once_lose_and_overwrite_nothing(monkeypatch)
     from moto import mock_aws
 
     from exporters.storage import open_store
-    from service.prediction_log import S3PredictionLog
+    from exporters.prediction_log import S3PredictionLog
 
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)
@@ -212,7 +213,7 @@ def test_the_service_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import service.service, service.runtime, service.http_app, service.prediction_log; "
+    code = ("import sys; import service.service, service.runtime, service.http_app, exporters.prediction_log; "
             "bad = [m for m in ('torch', 'torchvision', 'training') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

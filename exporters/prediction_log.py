@@ -1,5 +1,8 @@
 """Where predictions, feedback and labeled inputs are kept, so that feedback becomes training data.
 
+Shared by the service (the writer) and the drift report and retrain job (readers); it lives in
+exporters/ because both rooms use it and it needs only the storage layer and numpy.
+
 Two backends behind one small interface:
 - `SqlitePredictionLog` (default, local data dir): one SQLite file in WAL mode (readers never block
   the writer; a crash loses nothing committed) plus content-addressed image files.
