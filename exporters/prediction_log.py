@@ -114,6 +114,7 @@ class LabeledExample:
     label: str
     source: str  # "feedback" | "direct"
     record_id: str
+    labeled_at: float  # when the label arrived (the latest feedback event, or the direct submission)
 
 
 def store_image_once(store: Store, sha256: str, data: bytes) -> None:
@@ -130,7 +131,19 @@ class PredictionLog(Protocol):
     def add_labeled_input(self, sha256: str, label: str, filename: str) -> str: ...
     def feedback_summary(self) -> tuple[int, int]: ...
     def labeled_examples(self) -> Iterator[LabeledExample]: ...
+    def predictions(self, since: float | None = None, last: int | None = None,
+                    model_version: str | None = None) -> list[PredictionRecord]: ...
+    def image_bytes(self, sha256: str) -> bytes: ...
     def close(self) -> None: ...
+
+
+def select_window(records: list[PredictionRecord], since: float | None, last: int | None,
+                  model_version: str | None) -> list[PredictionRecord]:
+    """The drift report's window: oldest first, made at or after `since`, by `model_version`, the newest `last`."""
+    out = [r for r in records if (since is None or r.created_at >= since)
+           and (model_version is None or r.model_version == model_version)]
+    out.sort(key=lambda r: r.prediction_id)
+    return out[-last:] if last else out
 
 
 _SCHEMA = """
@@ -235,13 +248,38 @@ class SqlitePredictionLog:
 
     def labeled_examples(self) -> Iterator[LabeledExample]:
         with self._lock:
-            fb = self._db.execute("SELECT image_sha256, feedback_label, prediction_id FROM predictions "
+            fb = self._db.execute("SELECT image_sha256, feedback_label, prediction_id, feedback_at FROM predictions "
                                   "WHERE feedback_label IS NOT NULL AND image_stored = 1").fetchall()
-            direct = self._db.execute("SELECT image_sha256, label, input_id FROM labeled_inputs").fetchall()
-        for sha, label, rid in fb:
-            yield LabeledExample(sha, label, "feedback", rid)
-        for sha, label, rid in direct:
-            yield LabeledExample(sha, label, "direct", rid)
+            direct = self._db.execute("SELECT image_sha256, label, input_id, created_at FROM labeled_inputs").fetchall()
+        for sha, label, rid, at in fb:
+            yield LabeledExample(sha, label, "feedback", rid, at)
+        for sha, label, rid, at in direct:
+            yield LabeledExample(sha, label, "direct", rid, at)
+
+    def predictions(self, since: float | None = None, last: int | None = None,
+                    model_version: str | None = None) -> list[PredictionRecord]:
+        where, args = [], []
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if model_version is not None:
+            where.append("model_version = ?")
+            args.append(model_version)
+        sql = f"SELECT {','.join(_COLUMNS)} FROM predictions"
+        sql += (" WHERE " + " AND ".join(where)) if where else ""
+        sql += " ORDER BY prediction_id DESC" + (f" LIMIT {int(last)}" if last else "")
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        out = []
+        for row in reversed(rows):
+            d = dict(zip(_COLUMNS, row))
+            d["probabilities"] = json.loads(d["probabilities"])
+            d["image_stored"] = bool(d["image_stored"])
+            out.append(PredictionRecord(**d))
+        return out
+
+    def image_bytes(self, sha256: str) -> bytes:
+        return self.images.get_bytes(image_key(sha256))
 
     def close(self) -> None:
         with self._lock:
@@ -320,10 +358,43 @@ class S3PredictionLog:
             seen.add(pid)
             record = self.get_prediction(pid)
             if record and record.image_stored and record.feedback_label:
-                yield LabeledExample(record.image_sha256, record.feedback_label, "feedback", pid)
+                yield LabeledExample(record.image_sha256, record.feedback_label, "feedback", pid, record.feedback_at or 0.0)
         for key in self.store.list("labeled"):
             d = json.loads(self.store.get_bytes(key))
-            yield LabeledExample(d["image_sha256"], d["label"], "direct", d["input_id"])
+            yield LabeledExample(d["image_sha256"], d["label"], "direct", d["input_id"], d["created_at"])
+
+    def predictions(self, since: float | None = None, last: int | None = None,
+                    model_version: str | None = None) -> list[PredictionRecord]:
+        # Keys are partitioned by UTC date: a `since` skips whole days without listing them.
+        first_day = datetime.fromtimestamp(since, tz=timezone.utc).strftime("%Y-%m-%d") if since is not None else ""
+        keys = [k for k in self.store.list("predictions") if k.split("/")[1] >= first_day]
+        records = []
+        # Newest first, so `--last N` reads about N objects instead of the whole log.
+        for key in sorted(keys, key=lambda k: k.rsplit("/", 1)[-1], reverse=True):
+            r = PredictionRecord.from_json(json.loads(self.store.get_bytes(key)))
+            if (since is None or r.created_at >= since) and (model_version is None or r.model_version == model_version):
+                records.append(r)
+                if last and len(records) >= last:
+                    break
+        # One listing of feedback/ for the whole window, not one per record.
+        latest: dict[str, str] = {}
+        for key in sorted(self.store.list("feedback")):
+            latest[key.split("/")[1]] = key
+        for r in records:
+            if r.prediction_id in latest:
+                event = json.loads(self.store.get_bytes(latest[r.prediction_id]))
+                r.feedback_label, r.feedback_at = event["label"], event["at"]
+        return select_window(records, since, last, model_version)
+
+    def image_bytes(self, sha256: str) -> bytes:
+        return self.store.get_bytes(image_key(sha256))
 
     def close(self) -> None:
         pass
+
+
+def open_prediction_log(data_dir: str, endpoint_url: str | None = None) -> PredictionLog:
+    """SQLite under a local data dir, one object per record under an s3:// one."""
+    if data_dir.startswith("s3://"):
+        return S3PredictionLog(open_store(data_dir, endpoint_url=endpoint_url))
+    return SqlitePredictionLog(data_dir)

@@ -38,6 +38,12 @@ class ResizePolicy:
         # 0.875 crop ratio: the ImageNet convention the pretrained backbones were evaluated with.
         return cls(crop_size=crop_size, resize_size=int(round(crop_size / 0.875)))
 
+    @classmethod
+    def from_bundle(cls, metadata: dict) -> "ResizePolicy":
+        """The policy a bundle's metadata records (its `preprocess` entry)."""
+        pre = metadata["preprocess"]
+        return cls(crop_size=int(pre["crop_size"]), resize_size=int(pre["resize_size"]))
+
     def as_dict(self) -> dict:
         return asdict(self)
 

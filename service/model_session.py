@@ -115,8 +115,7 @@ def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_t
     classifier, metadata = load_bundle_model(bundle_dir, variant=variant, prefer_gpu=settings.prefer_gpu,
                                              threads=ort_threads)
     labels = list(metadata["labels"])
-    policy = ResizePolicy(crop_size=int(metadata["preprocess"]["crop_size"]),
-                          resize_size=int(metadata["preprocess"]["resize_size"]))
+    policy = ResizePolicy.from_bundle(metadata)
     if policy.crop_size != classifier.image_size:
         raise ValueError(f"bundle {version}: metadata crop size {policy.crop_size} != graph input {classifier.image_size}")
     # Warm-up: the first calls allocate arenas and pick kernels, at the batch sizes traffic will use.

@@ -17,15 +17,14 @@ import numpy as np
 
 from exporters.onnx_runtime import choose_providers
 from exporters.preprocess import MAX_PIXELS, ImageDecodeError, ResizePolicy, load_model_input
+from exporters.prediction_log import PredictionLog, PredictionRecord, encode_embedding, new_record_id
+from exporters.prediction_log import open_prediction_log as open_log_at
 from exporters.registry import Registry
-from exporters.storage import open_store
 from service.batcher import AdaptiveBatcher
 from service.errors import NotFound, NotReady, Unprocessable
 from service.live_drift import LiveDrift
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
-from exporters.prediction_log import (PredictionLog, PredictionRecord, S3PredictionLog, SqlitePredictionLog,
-                                    encode_embedding, new_record_id)
 from service.request_validation import FeedbackIn, Upload, check_pixel_limit
 from service.settings import ServiceSettings
 
@@ -37,9 +36,7 @@ def open_registry(settings: ServiceSettings) -> Registry:
 
 
 def open_prediction_log(settings: ServiceSettings) -> PredictionLog:
-    if settings.data_is_s3:
-        return S3PredictionLog(open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url))
-    return SqlitePredictionLog(settings.data_dir)
+    return open_log_at(settings.data_dir, settings.s3_endpoint_url)
 
 
 class ServingRuntime:

@@ -1,37 +1,148 @@
-"""`cnnloop demo`: the whole product on data every machine has (scikit-learn digits).
+"""`cnnloop demo`: the whole loop on data every machine has (scikit-learn's real handwritten digits).
 
-Today: digits -> fine-tune -> report. Later stages of the loop (export, serve, drift, retrain)
-join here as they land, so the README's one command always shows everything that works.
+digits -> fine-tune -> export -> serve (real `bentoml serve`) -> predictions + feedback -> shifted
+traffic (inverted digits, true labels as feedback) -> drift report -> retrain -> promote -> the
+service swaps -> accuracy on the shifted traffic recovers. 40% of the digits never reach training:
+they are the traffic, split into streams that send feedback and evaluation sets that never do,
+so "after" is measured on images no model was trained on.
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 from rich.console import Console
 
+from exporters.registry import Registry
 from training.config import load_train_config
+from training.datasets import discover
+from training.demo_traffic import send_images, split_pool, wait_for_version
 from training.digits import write_digits
 from training.fit import train
+from training.publish import publish_run
+from training.retrain.job import drift_check, report_summary, retrain_once
+from training.retrain.settings import LoopSettings
+from training.service_process import start_service
+from training.splits import stratified_split
 
-# 64 px keeps the demo to about a minute on two CPU cores; flips would turn digits into other glyphs.
+# 64 px keeps training to about a minute on two CPU cores; flips would turn digits into other glyphs.
 DEMO_RECIPE = {"image_size": 64, "hflip": False, "strategy": "finetune", "epochs": 4, "lr": 3e-3, "patience": 3}
+TRAFFIC_SHARE = 0.4
+# Shares of the traffic pool. Streams send feedback (and so become training data); eval sets never do.
+POOL = {"clean_stream": 0.2, "clean_eval": 0.15, "shifted_stream": 0.4, "shifted_eval": 0.25}
+
+
+def prepare_digits(work_dir: Path, console: Console) -> tuple[Path, object]:
+    """Write the digits once; copy 60% into a training ImageFolder and return (that folder, the traffic pool)."""
+    everything = work_dir / "digits"
+    if not (everything / "9").is_dir():
+        counts = write_digits(everything, size=32, overwrite=True)
+        console.print(f"wrote {sum(counts.values())} scikit-learn digits to {everything}")
+    files = discover(everything).train
+    keep, held = stratified_split(files.labels, TRAFFIC_SHARE, seed=0)
+    train_dir = work_dir / "digits-train"
+    if not (train_dir / "9").is_dir():
+        for i in keep:
+            dest = train_dir / files.classes[files.labels[i]] / files.paths[i].name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(files.paths[i], dest)
+    return train_dir, files.subset(held)
 
 
 def run_demo(work_dir: Path, console: Console, show_progress: bool = True) -> dict:
     work_dir = Path(work_dir)
-    data = work_dir / "digits"
-    if not (data / "9").is_dir():
-        counts = write_digits(data, size=32, overwrite=True)
-        console.print(f"wrote {sum(counts.values())} scikit-learn digits to {data}")
-    run = work_dir / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    t0 = time.perf_counter()
-    metrics = train(data, run, load_train_config(None, DEMO_RECIPE), console=console, show_progress=show_progress)
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    train_dir, pool = prepare_digits(work_dir, console)
+    session = work_dir / f"loop-{time.strftime('%Y%m%d-%H%M%S')}"
+    registry_dir, data_dir = session / "registry", session / "service-data"
+
+    console.rule("1. fine-tune on 60% of the digits")
+    t = time.perf_counter()
+    metrics = train(train_dir, session / "run", load_train_config(None, DEMO_RECIPE), console=console, show_progress=show_progress)
+    timings["train_s"] = time.perf_counter() - t
+
+    console.rule("2. export to ONNX and publish as production")
+    t = time.perf_counter()
+    registry = Registry.open(str(registry_dir))
+    before, _ = publish_run(session / "run", registry, ("int8",), 1.0, None, log=lambda m: console.print(f"  {m}", highlight=False))
+    registry.promote(before, "production")
+    timings["export_s"] = time.perf_counter() - t
+
+    console.rule("3. serve it (bentoml serve) and send traffic")
+    t = time.perf_counter()
+    service = start_service({"registry": registry_dir.resolve(), "data_dir": data_dir.resolve(), "poll_interval_s": 2},
+                            session / "service.log")
+    timings["service_start_s"] = time.perf_counter() - t
+    try:
+        return _loop(session, service, registry, before, pool, metrics, timings, t_all, console, show_progress)
+    finally:
+        service.stop()
+
+
+def _loop(session, service, registry, before, pool, train_metrics, timings, t_all, console, show_progress) -> dict:
+    parts = split_pool(len(pool), POOL, seed=1)
+    subset = {name: ([pool.paths[i] for i in idx], [pool.classes[pool.labels[i]] for i in idx]) for name, idx in parts.items()}
+    # A window the size of one check's traffic, so each check sees only what came since the last.
+    window = len(parts["clean_stream"]) + len(parts["clean_eval"])
+    settings = LoopSettings(registry=str(session / "registry"), data_dir=str(session / "service-data"),
+                            work_dir=session / "retrain", window=window, min_samples=100, min_new_labels=50,
+                            cooldown_s=0, permutations=300, epochs=6, variants="int8")
+    with service.client() as client:
+        clean_stream = send_images(client, *subset["clean_stream"], invert=False, feedback=True)
+        clean_before = send_images(client, *subset["clean_eval"], invert=False, feedback=False)
+        console.print(f"clean traffic: {clean_stream.n} predictions with feedback (accuracy {clean_stream.accuracy:.3f}), "
+                      f"{clean_before.n} evaluation images (accuracy {clean_before.accuracy:.3f})")
+
+        console.rule("4. retrain check on clean traffic (expect: no drift, no retrain)")
+        first = retrain_once(settings, console, show_progress=show_progress)
+
+        console.rule("5. the traffic shifts: inverted digits, true labels come back as feedback")
+        shifted_stream = send_images(client, *subset["shifted_stream"], invert=True, feedback=True)
+        shifted_before = send_images(client, *subset["shifted_eval"], invert=True, feedback=False)
+        console.print(f"shifted traffic: {shifted_stream.n} predictions with feedback (accuracy {shifted_stream.accuracy:.3f}), "
+                      f"{shifted_before.n} evaluation images (accuracy {shifted_before.accuracy:.3f})")
+
+        console.rule("6. drift report")
+        from exporters.prediction_log import open_prediction_log
+        from training.drift.render import plot_report, print_report
+
+        log = open_prediction_log(settings.data_dir)
+        try:
+            report, reference, live, _ = drift_check(settings, registry, log)
+        finally:
+            log.close()
+        print_report(report, console)
+        plot_report(report, reference, live, session / "drift.png")
+
+        console.rule("7. retrain: warm start, early stopping, champion vs challenger")
+        t = time.perf_counter()
+        second = retrain_once(settings, console, show_progress=show_progress)
+        timings["retrain_s"] = time.perf_counter() - t
+        outcome = second["outcome"]
+        after = registry.resolve("production")
+        promoted = outcome["status"] == "promoted"
+
+        console.rule("8. the service swaps to the new production model; the same evaluation traffic again")
+        swap_s = wait_for_version(client, after) if promoted else 0.0
+        shifted_after = send_images(client, *subset["shifted_eval"], invert=True, feedback=False)
+        clean_after = send_images(client, *subset["clean_eval"], invert=False, feedback=False)
+
+    timings["swap_s"] = swap_s
+    timings["total_s"] = time.perf_counter() - t_all
     return {
-        "data": str(data),
-        "run_dir": str(run),
-        "train_seconds": round(time.perf_counter() - t0, 1),
-        "val": {k: metrics["val"][k] for k in ("n", "accuracy", "macro_f1")},
-        "test": {k: metrics["test"][k] for k in ("n", "accuracy", "macro_f1")},
-        "best_epoch": metrics["best_epoch"],
+        "versions": {"before": before, "after": after},
+        "drift_detected": bool(report["drift_detected"]),
+        "promoted": promoted,
+        "shifted_accuracy": {"before": shifted_before.accuracy, "after": shifted_after.accuracy, "n": shifted_before.n},
+        "clean_accuracy": {"before": clean_before.accuracy, "after": clean_after.accuracy, "n": clean_before.n},
+        "served_by": {"before": shifted_before.versions, "after": shifted_after.versions},
+        "drift": report_summary(report) | {"tests": {k: v["p_value"] for k, v in report.get("tests", {}).items()}},
+        "checks": [{"decision": c["decision"], "outcome": c["outcome"]["status"]} for c in (first, second)],
+        "retrain": {k: outcome.get(k) for k in ("status", "challenger", "evaluation", "verdict", "data", "best_epoch")},
+        "train": {s: {k: train_metrics[s][k] for k in ("n", "accuracy", "macro_f1")} for s in ("val", "test")},
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "paths": {"session": str(session), "drift_png": str(session / "drift.png"), "service_log": str(session / "service.log"),
+                  "audit_log": str(session / "service-data" / "audit")},
     }

@@ -4,12 +4,12 @@ from __future__ import annotations
 import typer
 
 from training.cli import data_cmd, demo_cmd, export_cmd, registry_cmd, train_cmd
-from training.cli import serve_cmd
+from training.cli import drift_cmd, retrain_cmd, serve_cmd
 
 app = typer.Typer(
     name="cnnloop",
     help="Fine-tune an ImageNet-pretrained CNN on your labeled images, export it to ONNX, serve it, "
-    "watch drift and retrain. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 storage unreachable.",
+    "watch drift and retrain. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 storage unreachable, 4 busy (retrain lock held).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -19,6 +19,8 @@ train_cmd.register(app)
 demo_cmd.register(app)
 serve_cmd.register(app)
 export_cmd.register(app)
+drift_cmd.register(app)
+retrain_cmd.register(app)
 
 app.add_typer(registry_cmd.app, name="registry")
 

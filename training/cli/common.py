@@ -10,11 +10,13 @@ import typer
 from rich.console import Console
 
 # Exit codes mean something to scripts: 0 ok, 1 the job ran but its check failed,
-# 2 bad input (flags, config, data, unknown names), 3 storage/registry unreachable or refused.
+# 2 bad input (flags, config, data, unknown names), 3 storage/registry unreachable or refused,
+# 4 busy (another retrain run holds the lock).
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
+EXIT_BUSY = 4
 
 err_console = Console(stderr=True)
 
@@ -29,9 +31,12 @@ def guarded() -> Iterator[None]:
     """Translate each room's exceptions into one clear line and a meaningful exit code."""
     from exporters.errors import ExportError, StorageError
     from training.errors import TrainingError
+    from training.retrain.lock import LockHeld
 
     try:
         yield
+    except LockHeld as e:
+        fail(str(e), EXIT_BUSY)
     except StorageError as e:
         fail(str(e), EXIT_STORAGE)
     except (TrainingError, ExportError) as e:

@@ -4,7 +4,6 @@ stdout gets the version id alone (scripts capture it); everything for humans goe
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import typer
@@ -43,10 +42,9 @@ def register(app: typer.Typer) -> None:
         if promote is not None and promote not in PROMOTE_ALIASES:
             fail(f"--promote must be one of {', '.join(PROMOTE_ALIASES)}, not '{promote}'", EXIT_BAD_INPUT)
 
-        from exporters.bundle import export_bundle
         from exporters.registry import Registry
         from exporters.variants import parse_variants
-        from training.export_inputs import read_export_inputs
+        from training.publish import publish_run
 
         with guarded():
             wanted = parse_variants(variants)
@@ -57,16 +55,8 @@ def register(app: typer.Typer) -> None:
             production = registry.resolve("production")
             if parent:
                 registry.show(parent)  # an unknown --parent is refused now, not recorded as a dangling link
-            parent_version = parent or production
-            inputs = read_export_inputs(run_dir)
-            run = inputs.run
-            with tempfile.TemporaryDirectory(prefix="cnnloop-bundle-") as tmp:
-                bundle_dir, metadata = export_bundle(
-                    run.model, run.classes, run.policy, inputs.description, inputs.val, inputs.train_images,
-                    Path(tmp) / "bundle", wanted,
-                    max_accuracy_drop, parent_version, log=lambda msg: console.print(msg, highlight=False, soft_wrap=True),
-                )
-                version = registry.publish(bundle_dir, metadata)
+            version, metadata = publish_run(run_dir, registry, wanted, max_accuracy_drop, parent or production,
+                                            log=lambda msg: console.print(msg, highlight=False, soft_wrap=True))
             if promote:
                 registry.promote(version, promote)
         kept = [n for n, v in metadata["variants"].items() if not v["refused"]]

@@ -1,0 +1,63 @@
+"""Champion vs challenger on the same holdout, through the exported graphs (what would really serve).
+
+The promotion rule is pure: the challenger must beat the champion on the holdout (original test
+split + held-out feedback) by a margin, and may not lose more than a tolerance on the original
+test split alone, so a model that learns the new traffic by forgetting the old is kept out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporters.onnx_runtime import load_bundle_model
+from exporters.preprocess import ResizePolicy, load_model_input
+
+
+@dataclass
+class Holdout:
+    paths: list[Path]
+    labels: np.ndarray
+    source: np.ndarray  # "original_test" or "feedback" per image
+
+
+def holdout_from(original_test, feedback) -> Holdout:
+    parts = [(d, name) for d, name in ((original_test, "original_test"), (feedback, "feedback")) if d is not None and len(d)]
+    paths = [Path(p) for d, _ in parts for p in d.paths]
+    labels = np.concatenate([d.labels.numpy() for d, _ in parts]) if parts else np.zeros(0, np.int64)
+    source = np.concatenate([np.full(len(d), name) for d, name in parts]) if parts else np.zeros(0, str)
+    return Holdout(paths, labels, source)
+
+
+def score_bundle(bundle_dir: Path, holdout: Holdout) -> dict:
+    """Accuracy of a bundle's fp32 graph on the holdout, overall and per source."""
+    model, meta = load_bundle_model(bundle_dir, variant="fp32", prefer_gpu=False)
+    policy = ResizePolicy.from_bundle(meta)
+    images = np.stack([load_model_input(p, policy) for p in holdout.paths]) if holdout.paths else None
+    pred = model.predict(images)[0].argmax(1) if images is not None else np.zeros(0, np.int64)
+    correct = pred == holdout.labels
+    out = {"version": meta.get("version"), "holdout": {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None}}
+    for name in ("original_test", "feedback"):
+        mask = holdout.source == name
+        out[name] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()) if mask.any() else None}
+    return out
+
+
+def promotion_verdict(champion: dict, challenger: dict, margin: float, tolerance: float) -> tuple[bool, list[str]]:
+    ch, cl = champion["holdout"]["accuracy"], challenger["holdout"]["accuracy"]
+    if ch is None or cl is None:
+        return False, ["no holdout images to judge the models on: keep the champion"]
+    reasons = []
+    better = cl >= ch + margin
+    reasons.append(f"holdout accuracy {cl:.4f} vs champion {ch:.4f} ({'+' if cl >= ch else ''}{cl - ch:.4f}; "
+                   f"{'meets' if better else 'misses'} the +{margin} margin)")
+    ok_test = True
+    t_ch, t_cl = champion["original_test"]["accuracy"], challenger["original_test"]["accuracy"]
+    if t_ch is not None and t_cl is not None:
+        ok_test = t_cl >= t_ch - tolerance
+        reasons.append(f"original test accuracy {t_cl:.4f} vs {t_ch:.4f} ({'within' if ok_test else 'beyond'} the "
+                       f"-{tolerance} tolerance)")
+    else:
+        reasons.append("no original test split: only the holdout decides")
+    return bool(better and ok_test), reasons

@@ -1,0 +1,140 @@
+"""`cnnloop retrain`: one guarded pass of check -> decide -> (retrain -> export -> judge -> promote).
+
+Order matters for safety: the production alias is moved last, by one conditional write, after the
+challenger is published, fetched back with verified checksums and judged. A crash anywhere before
+leaves production untouched (and the lock expires if the process died without releasing it).
+Every pass, whatever its outcome, appends one record to the audit log.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from rich.console import Console
+
+from exporters.onnx_runtime import read_bundle_metadata
+from exporters.prediction_log import open_prediction_log
+from exporters.registry import Registry
+from exporters.storage import open_store
+from exporters.variants import parse_variants
+from training.drift.report import build_report, load_reference_set, window_from_records
+from training.errors import TrainingError
+from training.publish import ORIGINAL_SPLITS, publish_run
+from training.retrain import audit
+from training.retrain.challenger import train_challenger, warm_start_config
+from training.retrain.dataset import build_retrain_data, latest_labels, read_original_splits
+from training.retrain.gate import holdout_from, promotion_verdict, score_bundle
+from training.retrain.lock import StoreLock
+from training.retrain.policy import PolicyThresholds, decide, state_from_history
+from training.retrain.settings import LoopSettings
+
+
+def drift_check(settings: LoopSettings, registry: Registry, log, since: float | None = None,
+                last: int | None = None) -> tuple[dict, object, object, Path]:
+    """(report, reference, window, champion bundle dir) for the production model's newest predictions."""
+    champion = registry.resolve("production")
+    if champion is None:
+        raise TrainingError(f"the registry {registry.describe()} has no production version; "
+                            "publish one with `cnnloop export RUN --promote production`")
+    bundle_dir = registry.fetch(champion, Path(settings.work_dir) / "bundles")
+    reference = load_reference_set(bundle_dir)
+    records = log.predictions(since=since, last=last or (None if since else settings.window), model_version=champion)
+    window = window_from_records(records, reference)
+    report = build_report(reference, window, alpha=settings.alpha, min_samples=settings.min_samples,
+                          min_feedback=settings.min_feedback, accuracy_margin=settings.accuracy_margin,
+                          permutations=settings.permutations)
+    return report, reference, window, bundle_dir
+
+
+def report_summary(report: dict) -> dict:
+    keep = ("status", "drift_detected", "combined_p_value", "severity", "model_version")
+    out = {k: report.get(k) for k in keep}
+    out["n"] = report["window"]["n"]
+    out["feedback"] = {k: report["feedback"][k] for k in ("n", "accuracy", "below_validation")}
+    return out
+
+
+def retrain_once(settings: LoopSettings, console: Console, force: bool = False, show_progress: bool = True,
+                 before_promote: Callable[[str], None] | None = None) -> dict:
+    """One pass under the lock; returns the outcome written to the audit log.
+
+    `before_promote(challenger_version)` runs just before the alias moves (tests inject crashes there)."""
+    t0 = time.perf_counter()
+    store = open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url)
+    registry = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
+    with StoreLock(store, settings.lock_ttl_s):
+        log = open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+        try:
+            return _pass(settings, console, force, show_progress, before_promote, store, registry, log, t0)
+        finally:
+            log.close()
+
+
+def _pass(settings, console, force, show_progress, before_promote, store, registry, log, t0) -> dict:
+    report, reference, _, champion_dir = drift_check(settings, registry, log)
+    champion = reference.version
+    history = audit.read_decisions(store)
+    state = state_from_history(history, champion)
+    labels, _ = latest_labels(log, reference.labels)
+    new_labels = sum(1 for at, _ in labels.values() if state.last_retrain_at is None or at > state.last_retrain_at)
+    thresholds = PolicyThresholds(settings.min_new_labels, settings.cooldown_s, settings.severity_increase)
+    decision = decide(report, state, new_labels, time.time(), thresholds, force)
+    record = {"model_version": champion, "severity": report["severity"] if report["status"] != "insufficient_data" else None,
+              "report": report_summary(report), "new_labels": new_labels, "decision": decision.to_json()}
+    for reason in decision.reasons:
+        console.print(f"  - {reason}", highlight=False, soft_wrap=True)
+    if not decision.retrain:
+        record["outcome"] = {"status": "skipped", "production": champion}
+        return _finish(store, record, t0)
+    try:
+        record["outcome"] = _retrain(settings, console, show_progress, before_promote, registry, log, reference, champion_dir)
+    except BaseException as e:
+        record["outcome"] = {"status": "failed", "production": registry.resolve("production"), "error": f"{type(e).__name__}: {e}"}
+        _finish(store, record, t0)
+        raise
+    return _finish(store, record, t0)
+
+
+def _finish(store, record: dict, t0: float) -> dict:
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return audit.append_decision(store, record)
+
+
+def _retrain(settings, console, show_progress, before_promote, registry, log, reference, champion_dir: Path) -> dict:
+    champion = reference.version
+    meta = read_bundle_metadata(champion_dir)
+    work = Path(settings.work_dir)
+    original = read_original_splits(champion_dir / ORIGINAL_SPLITS, reference.labels, settings.original_data)
+    cfg = warm_start_config(meta, settings.epochs, settings.lr_scale, settings.patience, settings.device)
+    size = int(meta["preprocess"]["resize_size"])
+    console.print(f"retraining {champion}: original data + labeled feedback, warm start, at most {cfg.epochs} epochs")
+    data = build_retrain_data(original, log, reference.labels, size, work / "feedback-images", settings.feedback_holdout,
+                              settings.feedback_val, settings.feedback_weight)
+    console.print(f"  data: {data.counts}", highlight=False)
+    run_dir = work / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{champion}"
+    metrics = train_challenger(champion_dir, data, cfg, run_dir, console, show_progress)
+    challenger, _ = publish_run(run_dir, registry, parse_variants(settings.variants), 1.0, champion,
+                                original_splits=champion_dir / ORIGINAL_SPLITS,
+                                log=lambda m: console.print(f"  {m}", highlight=False, soft_wrap=True))
+    registry.promote(challenger, "candidate")
+    challenger_dir = registry.fetch(challenger, work / "bundles")
+    holdout = holdout_from(data.splits.test, data.holdout_feedback)
+    scores = {"champion": score_bundle(champion_dir, holdout), "challenger": score_bundle(challenger_dir, holdout)}
+    promote, reasons = promotion_verdict(scores["champion"], scores["challenger"], settings.promote_margin, settings.test_tolerance)
+    for reason in reasons:
+        console.print(f"  - {reason}", highlight=False)
+    outcome = {"challenger": challenger, "run_dir": str(run_dir), "data": data.counts, "evaluation": scores,
+               "verdict": reasons, "best_epoch": metrics["best_epoch"]}
+    if not promote:
+        console.print(f"[yellow]kept champion {champion}[/]: the challenger {challenger} is not better enough")
+        return {**outcome, "status": "kept_champion", "production": champion}
+    if before_promote is not None:
+        before_promote(challenger)
+    if (current := registry.resolve("production")) != champion:
+        # Someone moved production while we trained: their choice stands; ours was judged against another model.
+        console.print(f"[yellow]production moved to {current} during the retrain; {challenger} stays candidate[/]")
+        return {**outcome, "status": "kept_champion", "production": current, "verdict": reasons + ["production moved meanwhile"]}
+    registry.promote(challenger, "production")
+    console.print(f"[green]promoted {challenger}[/] to production (was {champion})")
+    return {**outcome, "status": "promoted", "production": challenger, "previous_production": champion}

@@ -1,0 +1,104 @@
+"""The drift report's and retrain job's one settings object: defaults < YAML (--config) < CNNLOOP_* env < flags.
+
+It shares CNNLOOP_REGISTRY, CNNLOOP_DATA_DIR and CNNLOOP_S3_ENDPOINT_URL with the service, so one
+ConfigMap configures both; the rest are the drift thresholds and the retrain policy.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from training.errors import TrainingError
+
+
+class LoopSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CNNLOOP_", extra="ignore")
+
+    # where things are (the same names the service reads)
+    registry: str = Field("./registry", description="registry URI: a local path or s3://bucket/prefix")
+    data_dir: str = Field("./data/service", description="the service's prediction/feedback log: a local path or s3://bucket/prefix")
+    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, moto...); None = AWS")
+    work_dir: Path = Field(Path("./data/retrain"), description="local scratch: fetched bundles, feedback images, challenger runs")
+    original_data: Path | None = Field(None, description="folder holding the original training data, when it moved since "
+                                       "the first training run (paths are rebased from the recorded data root)")
+
+    # drift report
+    window: int = Field(500, ge=10, le=1_000_000, description="newest predictions of the production model a check covers")
+    alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the combined drift verdict")
+    min_samples: int = Field(100, ge=10, description="fewer predictions in the window: 'insufficient data', no verdict")
+    min_feedback: int = Field(30, ge=1, description="fewer labeled predictions: no feedback-accuracy verdict")
+    permutations: int = Field(500, ge=50, le=100_000, description="MMD permutation test resamples")
+
+    # decision policy
+    min_new_labels: int = Field(50, ge=0, description="labels that arrived since the last retrain needed to retrain")
+    cooldown_s: float = Field(3600.0, ge=0, description="seconds after a retrain before the next may start")
+    severity_increase: float = Field(0.0, ge=0, description="drift must exceed the last check's severity by this much")
+    accuracy_margin: float = Field(0.05, ge=0, le=1, description="retrain when feedback accuracy < validation accuracy - this")
+
+    # retrain
+    epochs: int = Field(8, ge=1, le=10_000, description="most fine-tuning epochs of a retrain (early stopping ends it sooner)")
+    lr_scale: float = Field(0.5, gt=0, le=10, description="warm start: the training run's head LR x this")
+    patience: int = Field(3, ge=1)
+    feedback_holdout: float = Field(0.3, ge=0.05, le=0.9, description="fraction of labeled feedback held out to judge the models")
+    feedback_val: float = Field(0.2, ge=0.0, le=0.9, description="fraction of the remaining feedback used for early stopping")
+    feedback_weight: float = Field(0.5, ge=0, le=0.95, description="share of each epoch's training images drawn from feedback "
+                                   "(feedback repeated up to it; the original data is always replayed in full)")
+    promote_margin: float = Field(0.01, ge=0, le=1, description="challenger must beat the champion on the holdout by this (accuracy)")
+    test_tolerance: float = Field(0.02, ge=0, le=1, description="and may lose at most this on the original test split")
+    device: str = Field("auto", description="auto|cpu|cuda")
+    lock_ttl_s: float = Field(6 * 3600.0, ge=60, description="a lock older than this is stale (its holder died) and is taken over")
+    variants: str = Field("int8", description="extra bundle variants the challenger gets: fp16, int8, or none")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings,)
+
+    @field_validator("registry", "data_dir")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        v = v.strip()
+        if not v or ("://" in v and not v.startswith("s3://")) or v == "s3://":
+            raise ValueError("must be a local path or s3://bucket/prefix")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+def load_loop_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
+                       environ: dict[str, str] | None = None) -> LoopSettings:
+    """defaults < YAML `config_file` < CNNLOOP_* env < `overrides` (CLI flags, None = not given)."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise TrainingError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise TrainingError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise TrainingError(f"config file {path} must hold a mapping of setting: value")
+        unknown = sorted(set(data) - set(LoopSettings.model_fields))
+        if unknown:
+            raise TrainingError(f"config file {path} has unknown settings {unknown}; known: {sorted(LoopSettings.model_fields)}")
+        merged.update(data)
+    try:
+        env = EnvSettingsSource(LoopSettings)
+        env.env_vars = {k.lower(): v for k, v in (os.environ if environ is None else environ).items()}
+        merged.update(env())
+        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return LoopSettings(**merged)
+    except ValidationError as e:
+        parts = [f"'{'.'.join(map(str, err['loc']))}' (env CNNLOOP_{'_'.join(map(str, err['loc'])).upper()}): "
+                 f"{err['msg']} (got {err.get('input')!r})" for err in e.errors()]
+        raise TrainingError("invalid settings: " + "; ".join(parts)) from None
