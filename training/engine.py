@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from training.config import TrainConfig
 from training.model import Classifier
@@ -126,7 +127,9 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, cfg:
     model.train()
     from training.model import set_batchnorm_eval
 
-    set_batchnorm_eval(model, all_bn=cfg.bn == "frozen")
+    # Under torchrun `model` is the DDP wrapper, which hides the Classifier's stages.
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    set_batchnorm_eval(net, all_bn=cfg.bn == "frozen")
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
         x = to_model_input(images, device, cfg.channels_last)
@@ -151,7 +154,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, cfg:
             optimizer.step()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(net)
         n = len(y)
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == y).sum().item()

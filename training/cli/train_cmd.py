@@ -42,13 +42,19 @@ def register(app: typer.Typer) -> None:
         Missing val/test splits are carved from train (stratified, seeded). The run directory gets
         model.safetensors, model.json, config.yaml, classes.json, metrics.json (per-epoch history,
         final val/test scores), curves.png and confusion_*.png.
+
+        Data-parallel on several CPUs or GPUs: torchrun --standalone --nproc_per_node=N --no-python cnnloop train ...
         """
         from training.config import load_train_config
+        from training.distributed import read_launch_env
         from training.fit import train
 
         with guarded():
             cfg = load_train_config(config, overrides)
+            launch = read_launch_env()
             metrics = train(data, out, cfg, test_dir=test_dir, overwrite=overwrite, console=console, show_progress=not quiet)
+        if not launch.is_main:
+            return  # under torchrun, rank 0 reports for the whole job
         console.print(_scores_table(f"run {out} (best epoch {metrics['best_epoch']})",
                                     {k: metrics[k] for k in ("val", "test") if k in metrics}))
         if json_out:
