@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
-
 from rich.console import Console
 
 from exporters.onnx_runtime import read_bundle_metadata
@@ -55,23 +53,20 @@ def report_summary(report: dict) -> dict:
     return out
 
 
-def retrain_once(settings: LoopSettings, console: Console, force: bool = False, show_progress: bool = True,
-                 before_promote: Callable[[str], None] | None = None) -> dict:
-    """One pass under the lock; returns the outcome written to the audit log.
-
-    `before_promote(challenger_version)` runs just before the alias moves (tests inject crashes there)."""
+def retrain_once(settings: LoopSettings, console: Console, force: bool = False, show_progress: bool = True) -> dict:
+    """One pass under the lock; returns the record it appended to the audit log."""
     t0 = time.perf_counter()
     store = open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url)
     registry = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
     with StoreLock(store, settings.lock_ttl_s):
         log = open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
         try:
-            return _pass(settings, console, force, show_progress, before_promote, store, registry, log, t0)
+            return _pass(settings, console, force, show_progress, store, registry, log, t0)
         finally:
             log.close()
 
 
-def _pass(settings, console, force, show_progress, before_promote, store, registry, log, t0) -> dict:
+def _pass(settings, console, force, show_progress, store, registry, log, t0) -> dict:
     report, reference, _, champion_dir = drift_check(settings, registry, log)
     champion = reference.version
     history = audit.read_decisions(store)
@@ -88,7 +83,7 @@ def _pass(settings, console, force, show_progress, before_promote, store, regist
         record["outcome"] = {"status": "skipped", "production": champion}
         return _finish(store, record, t0)
     try:
-        record["outcome"] = _retrain(settings, console, show_progress, before_promote, registry, log, reference, champion_dir)
+        record["outcome"] = _retrain(settings, console, show_progress, registry, log, reference, champion_dir)
     except BaseException as e:
         record["outcome"] = {"status": "failed", "production": registry.resolve("production"), "error": f"{type(e).__name__}: {e}"}
         _finish(store, record, t0)
@@ -101,7 +96,7 @@ def _finish(store, record: dict, t0: float) -> dict:
     return audit.append_decision(store, record)
 
 
-def _retrain(settings, console, show_progress, before_promote, registry, log, reference, champion_dir: Path) -> dict:
+def _retrain(settings, console, show_progress, registry, log, reference, champion_dir: Path) -> dict:
     champion = reference.version
     meta = read_bundle_metadata(champion_dir)
     work = Path(settings.work_dir)
@@ -129,8 +124,6 @@ def _retrain(settings, console, show_progress, before_promote, registry, log, re
     if not promote:
         console.print(f"[yellow]kept champion {champion}[/]: the challenger {challenger} is not better enough")
         return {**outcome, "status": "kept_champion", "production": champion}
-    if before_promote is not None:
-        before_promote(challenger)
     if (current := registry.resolve("production")) != champion:
         # Someone moved production while we trained: their choice stands; ours was judged against another model.
         console.print(f"[yellow]production moved to {current} during the retrain; {challenger} stays candidate[/]")
