@@ -14,8 +14,8 @@ REFERENCE_FILE = "reference.npz"
 MAX_SAMPLE = 500
 MAX_PCA_COMPONENTS = 32
 ECE_BINS = 10
-# With fewer validation images than this, training embeddings join the PCA fit: a basis fitted on
-# 20 points has at most 19 directions and follows their noise.
+# With fewer training embeddings than this, validation embeddings join the PCA fit: a basis fitted
+# on 20 points has at most 19 directions and follows their noise.
 MIN_PCA_FIT = 2 * MAX_PCA_COMPONENTS
 _EPS = 1e-12
 TEMPERATURE_RANGE = (0.05, 20.0)
@@ -99,9 +99,11 @@ def reference_statistics(val_probs: np.ndarray, val_embeddings: np.ndarray, val_
                          sample_size: int = MAX_SAMPLE, seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
     """(small stats for metadata, arrays for reference.npz) from validation outputs of the exported graph."""
     n = len(val_labels)
+    # Fit the basis on embeddings disjoint from the projected sample (see export_bundle); only when
+    # too few of those exist do validation embeddings join in.
     fit_on = val_embeddings
-    if n < MIN_PCA_FIT and extra_embeddings is not None and len(extra_embeddings):
-        fit_on = np.concatenate([val_embeddings, extra_embeddings])
+    if extra_embeddings is not None and len(extra_embeddings):
+        fit_on = extra_embeddings if len(extra_embeddings) >= MIN_PCA_FIT else np.concatenate([val_embeddings, extra_embeddings])
     k = min(MAX_PCA_COMPONENTS, len(fit_on) - 1, val_embeddings.shape[1])
     mean, components, ratio = fit_pca(fit_on, k)
     rng = np.random.default_rng(seed)

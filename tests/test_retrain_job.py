@@ -56,28 +56,30 @@ def loop(champion, tmp_path):
     registry_dir = tmp_path / "registry"
     shutil.copytree(champion["registry_dir"], registry_dir)
     Registry.open(str(registry_dir)).promote(champion["version"])
+    # test_tolerance 0.1: the original test split here is 16 images, one of them is 6 points.
     settings = LoopSettings(registry=str(registry_dir), data_dir=str(tmp_path / "data"), work_dir=tmp_path / "work",
                             window=100, min_samples=60, min_new_labels=20, cooldown_s=0, permutations=200, epochs=3,
-                            variants="none", device="cpu")
+                            variants="none", device="cpu", test_tolerance=0.1)
     return settings, Registry.open(str(registry_dir))
 
 
-def png_bytes(path: Path, invert: bool) -> bytes:
+def png_bytes(path: Path, shift: bool) -> bytes:
+    """`shift`: inverted and turned 90 degrees, which a model that saw neither gets mostly wrong."""
     with Image.open(path) as im:
-        im = ImageOps.invert(im.convert("L")) if invert else im.convert("L")
+        im = ImageOps.invert(im.convert("L")).rotate(90) if shift else im.convert("L")
         buf = io.BytesIO()
         im.save(buf, "PNG")
         return buf.getvalue()
 
 
-def log_traffic(settings: LoopSettings, registry: Registry, items, invert: bool, feedback: bool) -> float:
+def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, feedback: bool) -> float:
     """What the service does for each image: predict with the production graph, log it, store the bytes;
     then the client's true label as feedback. Returns the accuracy served."""
     bundle = registry.fetch(registry.resolve("production"), settings.work_dir / "client-bundles")
     model, meta = load_bundle_model(bundle, variant="fp32", prefer_gpu=False)
     ref = load_reference(bundle / "reference.npz")
     policy = ResizePolicy.from_bundle(meta)
-    datas = [png_bytes(p, invert) for p, _ in items]
+    datas = [png_bytes(p, shift) for p, _ in items]
     images = np.stack([load_model_input(d, policy) for d in datas])
     probs, emb = model.predict(images)
     proj = project(emb, ref["pca_mean"], ref["pca_components"])
@@ -105,7 +107,7 @@ def log_traffic(settings: LoopSettings, registry: Registry, items, invert: bool,
 
 def test_clean_traffic_is_no_drift_and_no_retrain(champion, loop):
     settings, registry = loop
-    log_traffic(settings, registry, champion["traffic"][:100], invert=False, feedback=True)
+    log_traffic(settings, registry, champion["traffic"][:100], shift=False, feedback=True)
     record = retrain_once(settings, console, show_progress=False)
     assert record["outcome"]["status"] == "skipped"
     assert record["report"]["status"] == "no_drift" and not record["decision"]["retrain"]
@@ -115,7 +117,8 @@ def test_clean_traffic_is_no_drift_and_no_retrain(champion, loop):
 
 def test_shifted_traffic_is_detected_retrained_and_the_better_challenger_promoted(champion, loop):
     settings, registry = loop
-    before = log_traffic(settings, registry, champion["traffic"], invert=True, feedback=True)
+    before = log_traffic(settings, registry, champion["traffic"], shift=True, feedback=True)
+    assert before < 0.8, "the shift must hurt the champion for this test to mean anything"
     record = retrain_once(settings, console, show_progress=False)
     assert record["report"]["drift_detected"] and record["decision"]["retrain"], record["decision"]
     out = record["outcome"]
@@ -130,7 +133,7 @@ def test_shifted_traffic_is_detected_retrained_and_the_better_challenger_promote
 
 def test_a_crash_mid_retrain_leaves_production_untouched_and_frees_the_lock(champion, loop, monkeypatch):
     settings, registry = loop
-    log_traffic(settings, registry, champion["traffic"][:90], invert=True, feedback=True)
+    log_traffic(settings, registry, champion["traffic"][:90], shift=True, feedback=True)
 
     def crash(*a, **k):
         raise RuntimeError("disk full while exporting")
