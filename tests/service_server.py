@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,16 +18,12 @@ from typing import Iterator
 import httpx
 import pytest
 
+from training.service_process import free_port, stop_process_group
+
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
 API_TOKEN = "test-api-token-0123456789"
 PREDICT_TOKEN = "test-predict-token-0123456789"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -45,24 +39,13 @@ class RunningService:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        _stop(self.process)
+        stop_process_group(self.process)
 
     def healthy(self) -> bool:
         try:
             return httpx.get(self.url + "/readyz", timeout=10).status_code == 200
         except httpx.HTTPError:
             return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)  # the process group: bentoml's arbiter and its worker
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -97,7 +80,7 @@ def serve(env: dict[str, str], log_path: Path, target: str = "service.service:Cn
             time.sleep(0.5)
         yield running
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 def service_env(registry: Path | str, data_dir: Path | str, **settings) -> dict[str, str]:
@@ -156,7 +139,7 @@ def prometheus_scraping(binary: str, target_url: str, workdir: Path) -> Iterator
             time.sleep(0.5)
         yield url
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 # a published model ---------------------------------------------------------------------------

@@ -33,16 +33,15 @@ def register(app: typer.Typer) -> None:
         """
         if since and last:
             fail("give --since or --last, not both")
-        from exporters.prediction_log import open_prediction_log
         from exporters.registry import Registry
         from training.drift.render import plot_report, print_report
-        from training.retrain.job import drift_check
+        from training.retrain.job import drift_check, open_log
 
         with guarded():
             settings = opt.settings_overrides(config, registry, data_dir, endpoint_url)
             start = opt.parse_since(since, time.time()) if since else None
             reg = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
-            log = open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+            log = open_log(settings)
             try:
                 report, reference, window, _ = drift_check(settings, reg, log, since=start, last=last)
             finally:

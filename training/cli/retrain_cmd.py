@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         json_out: str = typer.Option(None, "--json", help="Write each pass's outcome as JSON to this path ('-': stdout)."),
         original_data: Path = typer.Option(None, "--original-data", help="Folder now holding the original training data, "
                                            "if it moved since the first run (env CNNLOOP_ORIGINAL_DATA)."),
+        work_dir: Path = typer.Option(None, "--work-dir", help="Local scratch for fetched bundles, feedback images and "
+                                      "challenger runs (env CNNLOOP_WORK_DIR; default ./data/retrain)."),
         epochs: int = typer.Option(None, "--epochs", min=1, help="Most fine-tuning epochs (env CNNLOOP_EPOCHS; default 8)."),
         device: str = typer.Option(None, "--device", help="auto|cpu|cuda (env CNNLOOP_DEVICE)."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
@@ -37,7 +39,7 @@ def register(app: typer.Typer) -> None:
         from training.retrain.job import retrain_once
 
         with guarded():
-            settings = opt.settings_overrides(config, registry, data_dir, endpoint_url, original_data=original_data,
+            settings = opt.settings_overrides(config, registry, data_dir, endpoint_url, original_data=original_data, work_dir=work_dir,
                                               epochs=epochs, device=device)
             interval = opt.parse_duration(every) if every else None
             if interval is None:

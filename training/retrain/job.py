@@ -28,6 +28,14 @@ from training.retrain.policy import PolicyThresholds, decide, state_from_history
 from training.retrain.settings import LoopSettings
 
 
+def open_log(settings: LoopSettings):
+    """The service's prediction log; a local data dir that does not exist is a mistake, not an empty log."""
+    if not settings.data_dir.startswith("s3://") and not Path(settings.data_dir).is_dir():
+        raise TrainingError(f"data dir {settings.data_dir} does not exist; point --data-dir (CNNLOOP_DATA_DIR) at the "
+                            "service's data dir, where it logs predictions and feedback")
+    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+
+
 def drift_check(settings: LoopSettings, registry: Registry, log, since: float | None = None,
                 last: int | None = None) -> tuple[dict, object, object, Path]:
     """(report, reference, window, champion bundle dir) for the production model's newest predictions."""
@@ -59,7 +67,7 @@ def retrain_once(settings: LoopSettings, console: Console, force: bool = False, 
     store = open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url)
     registry = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
     with StoreLock(store, settings.lock_ttl_s):
-        log = open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+        log = open_log(settings)
         try:
             return _pass(settings, console, force, show_progress, store, registry, log, t0)
         finally:
