@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from exporters.preprocess import MAX_PIXELS
+from exporters.settings_file import read_settings_file
 from service.errors import ConfigError
 
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
@@ -141,18 +141,8 @@ def _format_validation_error(e: ValidationError) -> str:
 
 
 def read_yaml_settings(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"service config file {path} does not exist; fix {CONFIG_FILE_ENV} or create the file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"service config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"service config file {path} must hold a mapping of setting: value, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(ServiceSettings.model_fields))
-    if unknown:
-        raise ConfigError(f"service config file {path} has unknown settings {unknown}; known: {sorted(ServiceSettings.model_fields)}")
-    return data
+    return read_settings_file(path, ConfigError, "service config file", f"fix {CONFIG_FILE_ENV} or create the file",
+                              known=ServiceSettings.model_fields)
 
 
 def load_service_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,

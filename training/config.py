@@ -8,6 +8,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from exporters.settings_file import read_settings_file
 from training.errors import TrainingError
 
 
@@ -84,15 +85,7 @@ def _format_validation_error(e: ValidationError) -> str:
 
 
 def read_yaml_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise TrainingError(f"config file {path} does not exist; pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TrainingError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise TrainingError(f"config file {path} must hold a mapping of setting: value, got {type(data).__name__}")
-    return data
+    return read_settings_file(path, TrainingError, "config file", "pass an existing YAML file to --config")
 
 
 def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -9,10 +9,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
+from exporters.settings_file import read_settings_file
 from training.errors import TrainingError
 
 
@@ -79,19 +79,8 @@ def load_loop_settings(config_file: Path | None = None, overrides: dict[str, Any
     """defaults < YAML `config_file` < CNNLOOP_* env < `overrides` (CLI flags, None = not given)."""
     merged: dict[str, Any] = {}
     if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise TrainingError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise TrainingError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise TrainingError(f"config file {path} must hold a mapping of setting: value")
-        unknown = sorted(set(data) - set(LoopSettings.model_fields))
-        if unknown:
-            raise TrainingError(f"config file {path} has unknown settings {unknown}; known: {sorted(LoopSettings.model_fields)}")
-        merged.update(data)
+        merged.update(read_settings_file(Path(config_file), TrainingError, "config file", "pass an existing YAML file to --config",
+                                         known=LoopSettings.model_fields))
     try:
         env = EnvSettingsSource(LoopSettings)
         env.env_vars = {k.lower(): v for k, v in (os.environ if environ is None else environ).items()}
