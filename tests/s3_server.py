@@ -55,3 +55,14 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     bucket = S3Bucket(s3_endpoint, f"cnnloop-{uuid.uuid4().hex[:12]}")
     bucket.client().create_bucket(Bucket=bucket.name)
     return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same tests against a local directory store and a real S3 endpoint."""
+    from exporters.storage import open_store
+
+    if request.param == "local":
+        return open_store(str(tmp_path / "store"))
+    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    return open_store(bucket.uri("data"), endpoint_url=bucket.endpoint_url)

@@ -8,17 +8,8 @@ import time
 import pytest
 
 from exporters.storage import open_store
-from tests.s3_server import S3Bucket
 from training.retrain import audit
 from training.retrain.lock import LOCK_KEY, LockHeld, StoreLock
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(str(tmp_path / "store"))
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
-    return open_store(bucket.uri("data"), endpoint_url=bucket.endpoint_url)
 
 
 def test_lock_keeps_a_second_run_out(store):

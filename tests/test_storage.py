@@ -12,15 +12,7 @@ import pytest
 
 from exporters.errors import StorageError
 from exporters.storage import STALE_LOCK_S, LocalStore, S3Store, fetch_to_local, open_store
-from tests.s3_server import S3Bucket, free_port
-
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path):
-    if request.param == "local":
-        return open_store(str(tmp_path / "store"))
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
-    return open_store(bucket.uri("data"), endpoint_url=bucket.endpoint_url)
+from tests.s3_server import free_port
 
 
 @pytest.fixture
