@@ -1,11 +1,13 @@
 """Drift detection power on real photos: how often each detector fires, by shift and window size.
 
 One run: train a quick model on hymenoptera/train with the project's own `train` (or reuse
-`--run`), export it through `export_bundle` (fp32 only), and take the bundle's `reference.npz`
-as the reference, exactly as the service would. The live pool is the hymenoptera val/ folder
-(153 photos, never seen in training), preprocessed with `load_model_input`, then corrupted on the
-uint8 model input: Gaussian blur, darkening, Gaussian noise; label shift keeps the images clean
-and samples 90% ants. ONNX Runtime scores each pool variant once; windows then sample rows.
+`--run`), export it afresh through the current `export_bundle` (fp32 only) into a temporary
+folder, and take that bundle's `reference.npz` as the reference, exactly as the service would.
+A bundle already in a `--run` folder is never read: one exported before commit 7dc6963 carries a
+PCA basis fitted on the validation sample it projects, which makes MMD fire on clean data.
+The live pool is the hymenoptera val/ folder (153 photos, never seen in training), preprocessed
+with `load_model_input`, then corrupted on the uint8 model input: Gaussian blur, darkening,
+Gaussian noise; label shift keeps the images clean and samples 90% ants. ONNX Runtime scores each pool variant once; windows then sample rows.
 
 Windows no larger than the pool are drawn without replacement; larger ones (and label-shift
 windows needing more ants than the 70 in the pool) with replacement, which repeats photos and
@@ -29,10 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 HYM = ROOT.parent / "shared" / "datasets" / "hymenoptera"
 ALPHA = 0.05
-DETECTORS = ("bbsd_ks", "class_chi2", "mmd", "mmd_heldout_pca", "confidence_ks", "entropy_ks")
+DETECTORS = ("bbsd_ks", "class_chi2", "mmd", "confidence_ks", "entropy_ks")
 # The drift report's verdict combines bbsd_ks, class_chi2 and mmd; confidence and entropy support it.
-VERDICTS = {"combined": ("bbsd_ks", "class_chi2", "mmd"), "combined_heldout_pca": ("bbsd_ks", "class_chi2", "mmd_heldout_pca")}
-COLUMNS = (*DETECTORS, *VERDICTS)
+VERDICTS = {"combined": ("bbsd_ks", "class_chi2", "mmd")}
+# For comparison only, not shipped: MMD on the pre-7dc6963 basis, fitted on the validation embeddings
+# it projects. Costs one more MMD per window.
+OLD_MMD = "mmd_old_val_fitted_pca"
+COLUMNS = (*DETECTORS, *VERDICTS, OLD_MMD)
 SHIFTS = ("clean", "blur", "darken", "noise", "label")
 BLUR_RADIUS, DARKEN, NOISE_SIGMA, LABEL_SHIFT_ANTS = 2.5, 0.4, 25.0, 0.9
 # Quick recipe: frozen backbone, 4 epochs. val_fraction 0.4 because the validation split becomes the
@@ -50,14 +55,14 @@ def train_run(out: Path) -> Path:
 
 
 def build_reference(run_dir: Path, bundle_dir: Path):
-    """Export the run (fp32 only) and return (classifier, classes, policy, metadata, reference).
+    """Export the run now (fp32 only) and return (classifier, classes, policy, metadata, reference).
 
-    The reference holds the bundle's arrays as shipped, plus the same validation embeddings
-    projected on a PCA basis fitted on training embeddings instead ("heldout"): the shipped
-    basis is fitted on the very sample it projects, which inflates that sample's spread."""
+    The reference holds the bundle's arrays as shipped (PCA basis fitted on training embeddings),
+    plus, for the OLD_MMD column only, the validation embeddings projected on a basis fitted on
+    themselves, as exporters before 7dc6963 shipped it."""
     from exporters.bundle import export_bundle
     from exporters.onnx_runtime import OnnxClassifier
-    from exporters.reference_stats import fit_pca, load_reference, project
+    from exporters.reference_stats import MAX_SAMPLE, fit_pca, load_reference, project
     from training.export_inputs import read_export_inputs
 
     inputs = read_export_inputs(run_dir)
@@ -69,11 +74,15 @@ def build_reference(run_dir: Path, bundle_dir: Path):
     ref = load_reference(bundle_dir / metadata["reference"]["file"])
     if len(ref["labels_sample"]) != len(inputs.val.labels):
         raise SystemExit("the validation split exceeds the reference sample; this bench assumes they coincide")
-    train_emb = classifier.predict(inputs.train_images)[1]
-    mean, components, _ = fit_pca(train_emb, len(ref["pca_components"]))
-    ref["bases"] = {"mmd": (ref["pca_mean"], ref["pca_components"]), "mmd_heldout_pca": (mean, components)}
-    ref["emb"] = {"mmd": ref["embeddings_pca_sample"],
-                  "mmd_heldout_pca": project(classifier.predict(inputs.val.images)[1], mean, components)}
+    fitted_on = metadata["reference"]["pca"]["fitted_on"]
+    if fitted_on != min(len(inputs.train_images), MAX_SAMPLE):
+        raise SystemExit(f"the shipped PCA basis was fitted on {fitted_on} embeddings, not on the training sample; "
+                         "this bench measures the basis fitted on training embeddings only")
+    val_emb = classifier.predict(inputs.val.images)[1]
+    mean, components, _ = fit_pca(val_emb, len(ref["pca_components"]))
+    ref["bases"] = {"mmd": (ref["pca_mean"], ref["pca_components"]), OLD_MMD: (mean, components)}
+    ref["emb"] = {"mmd": ref["embeddings_pca_sample"], OLD_MMD: project(val_emb, mean, components)}
+    ref["n_train"] = len(inputs.train_images)
     return classifier, run.classes, run.policy, metadata, ref
 
 
@@ -114,7 +123,7 @@ def run_detectors(ref: dict, probs: np.ndarray, emb: dict[str, np.ndarray], seed
         "confidence_ks": stats.confidence_shift(ref_probs, probs, ALPHA),
         "entropy_ks": stats.entropy_shift(ref_probs, probs, ALPHA),
     }
-    fired = {n: results[n].detected for n in DETECTORS}
+    fired = {n: results[n].detected for n in (*DETECTORS, OLD_MMD)}
     for verdict, names in VERDICTS.items():
         fired[verdict] = stats.combine([results[n] for n in names], ALPHA)[0]
     return fired
@@ -185,7 +194,11 @@ def main() -> None:
         "recipe": RECIPE, "run": str(run_dir) if args.run else "trained by this bench (temporary)",
         "classes": classes, "reference_size": int(len(ref["probs_sample"])), "pool_size": int(len(labels)),
         "pool_ants": int(np.sum(labels == ants)), "val_accuracy": metadata["reference"]["val_accuracy"],
-        "temperature": temperature, "alpha": ALPHA, "verdicts": {k: list(v) for k, v in VERDICTS.items()},
+        "temperature": temperature, "alpha": ALPHA, "exporter_commit": exporter_commit(),
+        "pca": {**metadata["reference"]["pca"], "train_images": ref["n_train"],
+                "basis": "fitted on training embeddings (shipped since 7dc6963)",
+                OLD_MMD: "comparison only: basis fitted on the validation embeddings it projects (pre-7dc6963)"},
+        "verdicts": {k: list(v) for k, v in VERDICTS.items()},
         "corruptions": {"blur_radius": BLUR_RADIUS, "darken_factor": DARKEN, "noise_sigma": NOISE_SIGMA,
                         "label_shift_ants": LABEL_SHIFT_ANTS},
         "pool_quality": pool_quality, "cells": cells, "anchor": ANCHOR, "seconds": round(time.perf_counter() - started),
@@ -193,6 +206,21 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print_tables(result)
+
+
+def exporter_commit() -> str:
+    """Last commit touching the exporter, plus '+dirty' when the working tree differs from it."""
+    import subprocess
+
+    paths = ["exporters/bundle.py", "exporters/reference_stats.py"]
+    git = ["git", "-C", str(ROOT)]
+    try:
+        sha = subprocess.run([*git, "log", "-1", "--format=%h", "--", *paths],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", *paths]).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
 
 
 def print_tables(result: dict) -> None:
