@@ -384,6 +384,18 @@ class _Unsupported(Exception):
     """The S3 server does not implement conditional PUTs."""
 
 
+def check_store_uri(uri: str) -> str:
+    """A settings validator's core: a local path or s3://bucket[/prefix], stripped; ValueError otherwise."""
+    v = uri.strip()
+    if not v:
+        raise ValueError("must be a local path or s3://bucket/prefix, not empty")
+    if v.startswith("s3://") and len(v) <= len("s3://"):
+        raise ValueError(f"'{v}' names no bucket; use s3://bucket/prefix")
+    if "://" in v and not v.startswith("s3://"):
+        raise ValueError(f"'{v}': only local paths and s3:// URIs are supported")
+    return v
+
+
 def open_store(uri: str, *, endpoint_url: str | None = None) -> Store:
     """A local path (or file://path) or s3://bucket/prefix."""
     if not uri:

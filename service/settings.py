@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 from exporters.preprocess import MAX_PIXELS
 from exporters.settings_file import read_settings_file
+from exporters.storage import check_store_uri
 from service.errors import ConfigError
 
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
@@ -66,14 +67,7 @@ class ServiceSettings(BaseSettings):
     @field_validator("registry", "data_dir")
     @classmethod
     def _uri_not_empty(cls, v: str) -> str:
-        v = v.strip()
-        if not v:
-            raise ValueError("must be a local path or s3://bucket/prefix, not empty")
-        if v.startswith("s3://") and len(v) <= len("s3://"):
-            raise ValueError(f"'{v}' names no bucket; use s3://bucket/prefix")
-        if "://" in v and not v.startswith("s3://"):
-            raise ValueError(f"'{v}': only local paths and s3:// URIs are supported")
-        return v
+        return check_store_uri(v)
 
     @field_validator("alias")
     @classmethod

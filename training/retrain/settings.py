@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
 
 from exporters.settings_file import read_settings_file
+from exporters.storage import check_store_uri
 from training.errors import TrainingError
 
 
@@ -61,10 +62,7 @@ class LoopSettings(BaseSettings):
     @field_validator("registry", "data_dir")
     @classmethod
     def _uri(cls, v: str) -> str:
-        v = v.strip()
-        if not v or ("://" in v and not v.startswith("s3://")) or v == "s3://":
-            raise ValueError("must be a local path or s3://bucket/prefix")
-        return v
+        return check_store_uri(v)
 
     @field_validator("device")
     @classmethod
