@@ -27,8 +27,6 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "train"
 
 def _split_files(data: Path, seed: int = 0):
     """The same carved val split cnnloop uses, so both contenders train and validate on the same images."""
-    import numpy as np
-
     from training.datasets import discover
     from training.splits import stratified_split
 

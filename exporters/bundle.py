@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from exporters.errors import ExportError
-from exporters.onnx_export import PARITY_TOLERANCE, check_parity, export_onnx, parity_figures, torch_predict
+from exporters.onnx_export import PARITY_TOLERANCE, check_parity, export_onnx, torch_predict
 from exporters.onnx_runtime import OnnxClassifier
 from exporters.preprocess import ResizePolicy
 from exporters.reference_stats import MAX_SAMPLE, reference_statistics, save_reference
