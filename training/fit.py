@@ -217,6 +217,24 @@ def fit_model(model, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, dev
     return FitResult(eval_model, history, stopper.best_epoch, replicas)
 
 
+def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device, info: dict,
+              origin: dict, metrics: dict) -> dict:
+    """Score the fitted model on val (and test), then write the run directory; returns `metrics` completed."""
+    metrics["val"], _, _ = score_split(fit.model, splits.val, policy, device, cfg)
+    if splits.test is not None and len(splits.test):
+        metrics["test"], _, _ = score_split(fit.model, splits.test, policy, device, cfg)
+    save_model(out, fit.model.cpu(), info)
+    save_config(cfg, out / CONFIG)
+    write_json(out / METRICS, metrics)
+    write_json(out / SKIPPED, splits.skipped)
+    write_splits(out, {k: getattr(splits, k) for k in ("train", "val", "test")}, origin, splits.carved)
+    plot_curves(fit.history, out / "curves.png", fit.best_epoch)
+    for name in ("val", "test"):
+        if name in metrics:
+            plot_confusion(metrics[name]["confusion_matrix"], info["classes"], out / f"confusion_{name}.png", f"{name} confusion")
+    return metrics
+
+
 def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None, overwrite: bool = False,
           console: Console | None = None, show_progress: bool = True) -> dict:
     """Fine-tune per `cfg` and write the run directory `out`. Returns the metrics dict.
@@ -260,19 +278,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None,
                    "carved_splits": splits.carved, "skipped_images": len(splits.skipped), "device": str(device)}
         if fit.replica_fingerprints:
             metrics["distributed"] = {"world_size": launch.world_size, "weights_sha256": fit.replica_fingerprints}
-        metrics["val"], _, _ = score_split(fit.model, splits.val, policy, device, cfg)
-        if splits.test is not None and len(splits.test):
-            metrics["test"], _, _ = score_split(fit.model, splits.test, policy, device, cfg)
-
         info = {"backbone": spec.describe(), "weights": weights_desc, "classes": splits.train.classes, "policy": policy.as_dict(),
                 "dropout": cfg.dropout, "embed_dim": int(fit.model.head.in_features), "best_epoch": fit.best_epoch}
-        save_model(out, fit.model.cpu(), info)
-        save_config(cfg, out / CONFIG)
-        write_json(out / METRICS, metrics)
-        write_json(out / SKIPPED, splits.skipped)
-        write_splits(out, {k: getattr(splits, k) for k in ("train", "val", "test")}, source.origin, splits.carved)
-        plot_curves(fit.history, out / "curves.png", fit.best_epoch)
-        for name in ("val", "test"):
-            if name in metrics:
-                plot_confusion(metrics[name]["confusion_matrix"], splits.train.classes, out / f"confusion_{name}.png", f"{name} confusion")
+        write_run(out, fit, splits, cfg, policy, device, info, source.origin, metrics)
         return distributed.broadcast_from_main(metrics)

@@ -11,15 +11,13 @@ from safetensors.torch import load_file
 from exporters.onnx_runtime import read_bundle_metadata
 from exporters.preprocess import ResizePolicy
 from training.backbones import get_backbone_spec
-from training.config import TrainConfig, load_train_config, save_config
+from training.config import TrainConfig, load_train_config
 from training.engine import resolve_device
 from training.errors import TrainingError
-from training.fit import fit_model, make_progress, score_split, seed_everything
+from training.fit import fit_model, make_progress, seed_everything, write_run
 from training.model import build_classifier
-from training.plots import plot_confusion, plot_curves
 from training.publish import BUNDLE_WEIGHTS, BUNDLE_WEIGHTS_INFO
 from training.retrain.dataset import RetrainData
-from training.run_dir import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
 
 
 def warm_start_config(champion_meta: dict, epochs: int, lr_scale: float, patience: int, device: str) -> TrainConfig:
@@ -54,15 +52,6 @@ def train_challenger(champion_dir: Path, data: RetrainData, cfg: TrainConfig, ou
         fit = fit_model(model, data.splits, cfg, policy, device, progress, console)
     metrics = {"history": fit.history, "best_epoch": fit.best_epoch, "monitor": cfg.monitor, "device": str(device),
                "warm_start_from": read_bundle_metadata(champion_dir).get("version"), "data": data.counts}
-    metrics["val"], _, _ = score_split(fit.model, data.splits.val, policy, device, cfg)
-    if data.splits.test is not None and len(data.splits.test):
-        metrics["test"], _, _ = score_split(fit.model, data.splits.test, policy, device, cfg)
-    save_model(out, fit.model.cpu(), {**info, "best_epoch": fit.best_epoch})
-    save_config(cfg, out / CONFIG)
-    write_json(out / METRICS, metrics)
-    write_json(out / SKIPPED, data.splits.skipped)
-    write_splits(out, {"train": data.splits.train, "val": data.splits.val, "test": data.splits.test},
-                 {"retrain_of": metrics["warm_start_from"]}, [])
-    plot_curves(fit.history, out / "curves.png", fit.best_epoch)
-    plot_confusion(metrics["val"]["confusion_matrix"], info["classes"], out / "confusion_val.png", "val confusion")
+    write_run(out, fit, data.splits, cfg, policy, device, {**info, "best_epoch": fit.best_epoch},
+              {"retrain_of": metrics["warm_start_from"]}, metrics)
     return metrics
