@@ -137,15 +137,6 @@ class PredictionLog(Protocol):
     def close(self) -> None: ...
 
 
-def select_window(records: list[PredictionRecord], since: float | None, last: int | None,
-                  model_version: str | None) -> list[PredictionRecord]:
-    """The drift report's window: oldest first, made at or after `since`, by `model_version`, the newest `last`."""
-    out = [r for r in records if (since is None or r.created_at >= since)
-           and (model_version is None or r.model_version == model_version)]
-    out.sort(key=lambda r: r.prediction_id)
-    return out[-last:] if last else out
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS predictions (
     prediction_id TEXT PRIMARY KEY, created_at REAL NOT NULL, model_version TEXT NOT NULL,
@@ -161,6 +152,13 @@ CREATE TABLE IF NOT EXISTS labeled_inputs (
     label TEXT NOT NULL, filename TEXT NOT NULL);
 """
 _COLUMNS = list(PredictionRecord.__dataclass_fields__)
+
+
+def _record_from_row(row: tuple) -> PredictionRecord:
+    d = dict(zip(_COLUMNS, row))
+    d["probabilities"] = json.loads(d["probabilities"])
+    d["image_stored"] = bool(d["image_stored"])
+    return PredictionRecord(**d)
 
 
 class SqlitePredictionLog:
@@ -201,12 +199,7 @@ class SqlitePredictionLog:
         with self._lock:
             row = self._db.execute(f"SELECT {','.join(_COLUMNS)} FROM predictions WHERE prediction_id = ?",
                                    (prediction_id,)).fetchone()
-        if row is None:
-            return None
-        d = dict(zip(_COLUMNS, row))
-        d["probabilities"] = json.loads(d["probabilities"])
-        d["image_stored"] = bool(d["image_stored"])
-        return PredictionRecord(**d)
+        return None if row is None else _record_from_row(row)
 
     def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None:
         now = time.time()
@@ -270,13 +263,7 @@ class SqlitePredictionLog:
         sql += " ORDER BY prediction_id DESC" + (f" LIMIT {int(last)}" if last else "")
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
-        out = []
-        for row in reversed(rows):
-            d = dict(zip(_COLUMNS, row))
-            d["probabilities"] = json.loads(d["probabilities"])
-            d["image_stored"] = bool(d["image_stored"])
-            out.append(PredictionRecord(**d))
-        return out
+        return [_record_from_row(row) for row in reversed(rows)]
 
     def image_bytes(self, sha256: str) -> bytes:
         return self.images.get_bytes(image_key(sha256))
@@ -384,7 +371,7 @@ class S3PredictionLog:
             if r.prediction_id in latest:
                 event = json.loads(self.store.get_bytes(latest[r.prediction_id]))
                 r.feedback_label, r.feedback_at = event["label"], event["at"]
-        return select_window(records, since, last, model_version)
+        return records[::-1]  # oldest first, like the SQLite log
 
     def image_bytes(self, sha256: str) -> bytes:
         return self.store.get_bytes(image_key(sha256))
