@@ -11,3 +11,7 @@ class StorageError(ExportError):
 
 class RegistryError(ExportError):
     """A registry operation is refused: unknown version, bad name, corrupt bundle..."""
+
+
+class AliasMoved(RegistryError):
+    """A conditional promote found the alias no longer where the caller expected it."""

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from exporters.errors import RegistryError, StorageError
+from exporters.errors import AliasMoved, RegistryError, StorageError
 from exporters.storage import Store, open_store
 
 ALIASES = ("production", "candidate")
@@ -350,12 +350,19 @@ class Registry:
         body = {"event": event, "alias": alias, "version": version, "previous": previous, "at": _now()}
         self.store.put_bytes(f"events/{stamp}-{secrets.token_hex(4)}.json", json.dumps(body).encode())
 
-    def promote(self, version: str, alias: str = "production") -> dict:
-        """Point alias at a complete version; its old target goes on the history for rollback."""
+    def promote(self, version: str, alias: str = "production", *, only_if: str | None = None) -> dict:
+        """Point alias at a complete version; its old target goes on the history for rollback.
+
+        `only_if`: move it only if it still points at that version, checked inside the same
+        compare-and-swap as the write (AliasMoved otherwise): a retrain judged against the
+        champion it read must not replace a version someone promoted meanwhile."""
         check_alias(alias)
         self.show(check_version_id(version))  # refuses unknown, incomplete and tampered versions
 
         def change(doc: dict | None) -> dict | None:
+            current = doc["version"] if doc else None
+            if only_if is not None and current != only_if:
+                raise AliasMoved(f"alias '{alias}' points at {current}, not {only_if}; left unchanged")
             if doc and doc["version"] == version:
                 return None
             history = [doc["version"], *doc.get("history", [])] if doc else []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exporters.errors import RegistryError, StorageError
+from exporters.errors import AliasMoved, RegistryError, StorageError
 from exporters.registry import HISTORY_LIMIT, Registry
 from tests.s3_server import S3Bucket, free_port
 
@@ -247,6 +247,16 @@ def test_promote_points_the_alias_at_the_version(reg, bundle):
     v = reg.publish(bundle, {})
     assert reg.promote(v) == {"alias": "production", "version": v, "previous": None, "changed": True}
     assert reg.resolve("production") == v
+
+
+def test_conditional_promote_moves_the_alias_only_from_the_expected_version(reg, bundle):
+    v1, v2, v3 = reg.publish(bundle, {}), reg.publish(bundle, {}), reg.publish(bundle, {})
+    reg.promote(v1)
+    reg.promote(v2)  # someone else promoted while a retrain judged its challenger against v1
+    with pytest.raises(AliasMoved, match=f"points at {v2}, not {v1}"):
+        reg.promote(v3, only_if=v1)
+    assert reg.resolve("production") == v2
+    assert reg.promote(v3, only_if=v2)["previous"] == v2
 
 
 def test_rollback_moves_the_alias_back_to_the_previous_version(reg, bundle):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from rich.console import Console
 
+from exporters.errors import AliasMoved
 from exporters.onnx_runtime import read_bundle_metadata
 from exporters.prediction_log import open_prediction_log
 from exporters.registry import Registry
@@ -132,10 +133,12 @@ def _retrain(settings, console, show_progress, registry, log, reference, champio
     if not promote:
         console.print(f"[yellow]kept champion {champion}[/]: the challenger {challenger} is not better enough")
         return {**outcome, "status": "kept_champion", "production": champion}
-    if (current := registry.resolve("production")) != champion:
+    try:
+        registry.promote(challenger, "production", only_if=champion)
+    except AliasMoved as e:
         # Someone moved production while we trained: their choice stands; ours was judged against another model.
-        console.print(f"[yellow]production moved to {current} during the retrain; {challenger} stays candidate[/]")
-        return {**outcome, "status": "kept_champion", "production": current, "verdict": reasons + ["production moved meanwhile"]}
-    registry.promote(challenger, "production")
+        console.print(f"[yellow]{e}; {challenger} stays candidate[/]", highlight=False)
+        return {**outcome, "status": "kept_champion", "production": registry.resolve("production"),
+                "verdict": reasons + ["production moved during the retrain"]}
     console.print(f"[green]promoted {challenger}[/] to production (was {champion})")
     return {**outcome, "status": "promoted", "production": challenger, "previous_production": champion}
