@@ -170,8 +170,10 @@ def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(champion, loo
     train(shuffled, tmp_path / "run", fast_config(epochs=3, strategy="finetune", lr=3e-3), show_progress=False)
     challenger, _ = publish_run(tmp_path / "run", registry, (), 1.0, champion["version"])
     held = champion["traffic"]
-    holdout = Holdout([p for p, _ in held], np.array([DIGITS.index(int(c)) for _, c in held]), np.full(len(held), "original_test"))
     bundles = settings.work_dir / "b"
+    policy = ResizePolicy.from_bundle(registry.show(champion["version"]))
+    holdout = Holdout(np.stack([load_model_input(p, policy) for p, _ in held]), np.array([DIGITS.index(int(c)) for _, c in held]),
+                      np.full(len(held), "original_test"), policy)
     scores = [score_bundle(registry.fetch(v, bundles), holdout) for v in (champion["version"], challenger)]
     promote, reasons = promotion_verdict(scores[0], scores[1], margin=0.01, tolerance=0.02)
     assert not promote, reasons

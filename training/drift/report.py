@@ -126,7 +126,7 @@ def build_report(reference: ReferenceSet, window: LiveWindow, *, alpha: float = 
         "feedback": feedback_section(reference, window, min_feedback, accuracy_margin),
     }
     if n < min_samples:
-        report.update(status=INSUFFICIENT, drift_detected=None, combined_p_value=None, severity=0.0, tests={},
+        report.update(status=INSUFFICIENT, drift_detected=None, combined_p_value=None, severity=None, tests={},
                       reason=f"{n} prediction(s) in the window, fewer than the {min_samples} a verdict needs")
         return report
 

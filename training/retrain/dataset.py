@@ -71,22 +71,20 @@ def read_original_splits(path: Path, classes: list[str], rebase_to: Path | None)
     return out
 
 
-def latest_labels(log, classes: list[str]) -> tuple[dict[str, tuple[float, str]], dict]:
-    """sha256 -> (when, label) with the newest label per image; labels outside `classes` are counted and left out."""
+def latest_labels(log, classes: list[str]) -> dict[str, tuple[float, str]]:
+    """sha256 -> (when, label) with the newest label per image. Labels outside `classes` cannot occur:
+    the service accepts only the serving model's labels, and a retrain keeps the label set."""
     latest: dict[str, tuple[float, str]] = {}
-    unknown = 0
     for ex in log.labeled_examples():
-        if ex.label not in classes:
-            unknown += 1
-            continue
-        if ex.image_sha256 not in latest or ex.labeled_at >= latest[ex.image_sha256][0]:
+        if ex.label in classes and (ex.image_sha256 not in latest or ex.labeled_at >= latest[ex.image_sha256][0]):
             latest[ex.image_sha256] = (ex.labeled_at, ex.label)
-    return latest, {"unknown_labels": unknown}
+    return latest
 
 
-def build_retrain_data(original: dict[str, LabeledFiles | None], log, classes: list[str], size: int, cache_dir: Path,
-                       holdout: float, val: float, feedback_weight: float, progress=None) -> RetrainData:
-    latest, info = latest_labels(log, classes)
+def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: dict[str, tuple[float, str]], classes: list[str],
+                       size: int, cache_dir: Path, holdout: float, val: float, feedback_weight: float,
+                       progress=None) -> RetrainData:
+    """`latest` is `latest_labels(log, classes)`: the pass reads the labels once (on S3 that is one read per feedback)."""
     index = {c: i for i, c in enumerate(classes)}
     roles: dict[str, tuple[list[Path], list[int]]] = {"train": ([], []), "val": ([], []), "holdout": ([], [])}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -118,5 +116,5 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, classes: l
     val_set = concat([decoded["val"], fb["val"]], classes, size)
     counts = {"original": {k: (len(v) if v is not None else 0) for k, v in decoded.items()},
               "feedback": {k: len(v) for k, v in fb.items()}, "feedback_repeat": repeat,
-              "skipped_images": len(skipped), **info}
+              "skipped_images": len(skipped)}
     return RetrainData(Splits(train, val_set, decoded.get("test"), skipped, carved=[]), fb["holdout"], counts)

@@ -17,25 +17,28 @@ from exporters.preprocess import ResizePolicy, load_model_input
 
 @dataclass
 class Holdout:
-    paths: list[Path]
+    images: np.ndarray  # uint8 N x H x W x 3, preprocessed exactly as served
     labels: np.ndarray
     source: np.ndarray  # "original_test" or "feedback" per image
+    policy: ResizePolicy
 
 
-def holdout_from(original_test, feedback) -> Holdout:
+def holdout_from(original_test, feedback, policy: ResizePolicy) -> Holdout:
     parts = [(d, name) for d, name in ((original_test, "original_test"), (feedback, "feedback")) if d is not None and len(d)]
     paths = [Path(p) for d, _ in parts for p in d.paths]
+    images = (np.stack([load_model_input(p, policy) for p in paths]) if paths
+              else np.zeros((0, policy.crop_size, policy.crop_size, 3), np.uint8))
     labels = np.concatenate([d.labels.numpy() for d, _ in parts]) if parts else np.zeros(0, np.int64)
     source = np.concatenate([np.full(len(d), name) for d, name in parts]) if parts else np.zeros(0, str)
-    return Holdout(paths, labels, source)
+    return Holdout(images, labels, source, policy)
 
 
 def score_bundle(bundle_dir: Path, holdout: Holdout) -> dict:
     """Accuracy of a bundle's fp32 graph on the holdout, overall and per source."""
     model, meta = load_bundle_model(bundle_dir, variant="fp32", prefer_gpu=False)
-    policy = ResizePolicy.from_bundle(meta)
-    images = np.stack([load_model_input(p, policy) for p in holdout.paths]) if holdout.paths else None
-    pred = model.predict(images)[0].argmax(1) if images is not None else np.zeros(0, np.int64)
+    if ResizePolicy.from_bundle(meta) != holdout.policy:
+        raise ValueError(f"bundle {meta.get('version')} preprocesses as {ResizePolicy.from_bundle(meta)}, the holdout as {holdout.policy}")
+    pred = model.predict(holdout.images)[0].argmax(1) if len(holdout.images) else np.zeros(0, np.int64)
     correct = pred == holdout.labels
     out = {"version": meta.get("version"), "holdout": {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None}}
     for name in ("original_test", "feedback"):

@@ -14,6 +14,7 @@ from rich.console import Console
 from exporters.errors import AliasMoved
 from exporters.onnx_runtime import read_bundle_metadata
 from exporters.prediction_log import open_prediction_log
+from exporters.preprocess import ResizePolicy
 from exporters.registry import Registry
 from exporters.storage import open_store
 from exporters.variants import parse_variants
@@ -80,11 +81,11 @@ def _pass(settings, console, force, show_progress, store, registry, log, t0) -> 
     champion = reference.version
     history = audit.read_decisions(store)
     state = state_from_history(history, champion)
-    labels, _ = latest_labels(log, reference.labels)
+    labels = latest_labels(log, reference.labels)
     new_labels = sum(1 for at, _ in labels.values() if state.last_retrain_at is None or at > state.last_retrain_at)
     thresholds = PolicyThresholds(settings.min_new_labels, settings.cooldown_s, settings.severity_increase)
     decision = decide(report, state, new_labels, time.time(), thresholds, force)
-    record = {"model_version": champion, "severity": report["severity"] if report["status"] != "insufficient_data" else None,
+    record = {"model_version": champion, "severity": report["severity"],
               "report": report_summary(report), "new_labels": new_labels, "decision": decision.to_json()}
     for reason in decision.reasons:
         console.print(f"  - {reason}", highlight=False, soft_wrap=True)
@@ -92,7 +93,7 @@ def _pass(settings, console, force, show_progress, store, registry, log, t0) -> 
         record["outcome"] = {"status": "skipped", "production": champion}
         return _finish(store, record, t0)
     try:
-        record["outcome"] = _retrain(settings, console, show_progress, registry, log, reference, champion_dir)
+        record["outcome"] = _retrain(settings, console, show_progress, registry, log, labels, reference, champion_dir)
     except BaseException as e:
         record["outcome"] = {"status": "failed", "production": registry.resolve("production"), "error": f"{type(e).__name__}: {e}"}
         _finish(store, record, t0)
@@ -105,7 +106,7 @@ def _finish(store, record: dict, t0: float) -> dict:
     return audit.append_decision(store, record)
 
 
-def _retrain(settings, console, show_progress, registry, log, reference, champion_dir: Path) -> dict:
+def _retrain(settings, console, show_progress, registry, log, labels, reference, champion_dir: Path) -> dict:
     champion = reference.version
     meta = read_bundle_metadata(champion_dir)
     work = Path(settings.work_dir)
@@ -113,8 +114,8 @@ def _retrain(settings, console, show_progress, registry, log, reference, champio
     cfg = warm_start_config(meta, settings.epochs, settings.lr_scale, settings.patience, settings.device)
     size = int(meta["preprocess"]["resize_size"])
     console.print(f"retraining {champion}: original data + labeled feedback, warm start, at most {cfg.epochs} epochs")
-    data = build_retrain_data(original, log, reference.labels, size, work / "feedback-images", settings.feedback_holdout,
-                              settings.feedback_val, settings.feedback_weight)
+    data = build_retrain_data(original, log, labels, reference.labels, size, work / "feedback-images",
+                              settings.feedback_holdout, settings.feedback_val, settings.feedback_weight)
     console.print(f"  data: {data.counts}", highlight=False)
     run_dir = work / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{champion}"
     metrics = train_challenger(champion_dir, data, cfg, run_dir, console, show_progress)
@@ -123,7 +124,8 @@ def _retrain(settings, console, show_progress, registry, log, reference, champio
                                 log=lambda m: console.print(f"  {m}", highlight=False, soft_wrap=True))
     registry.promote(challenger, "candidate")
     challenger_dir = registry.fetch(challenger, work / "bundles")
-    holdout = holdout_from(data.splits.test, data.holdout_feedback)
+    # The challenger keeps the champion's preprocessing (warm start), so the holdout is decoded once for both.
+    holdout = holdout_from(data.splits.test, data.holdout_feedback, ResizePolicy.from_bundle(meta))
     scores = {"champion": score_bundle(champion_dir, holdout), "challenger": score_bundle(challenger_dir, holdout)}
     promote, reasons = promotion_verdict(scores["champion"], scores["challenger"], settings.promote_margin, settings.test_tolerance)
     for reason in reasons:
