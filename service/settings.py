@@ -9,27 +9,23 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import EnvSettingsSource, SettingsConfigDict
 
 from exporters.preprocess import MAX_PIXELS
 from exporters.settings_file import read_settings_file
-from exporters.storage import check_store_uri
+from exporters.locations import StoreLocations
 from service.errors import ConfigError
 
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
 
 
-class ServiceSettings(BaseSettings):
-    """Every knob of the serving process."""
+class ServiceSettings(StoreLocations):
+    """Every knob of the serving process (registry, data_dir, s3_endpoint_url come from StoreLocations)."""
 
     model_config = SettingsConfigDict(env_prefix="CNNLOOP_", extra="ignore", validate_assignment=True)
 
-    # where models come from and where predictions go
-    registry: str = Field("./registry", description="registry URI: a local path or s3://bucket/prefix")
     alias: str = Field("production", description="registry alias the service serves and polls")
-    data_dir: str = Field("./data/service", description="prediction/feedback log and stored inputs: a local path or s3://bucket/prefix")
-    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, moto...); None = AWS")
     bundle_cache_dir: Path | None = Field(None, description="where fetched bundles are unpacked; default DATA_DIR/bundles (local) or a temp dir (s3)")
     poll_interval_s: float = Field(30.0, ge=0.0, le=86_400, description="seconds between checks of the alias; 0 = never poll")
 
@@ -59,16 +55,6 @@ class ServiceSettings(BaseSettings):
     # live drift gauges
     drift_window: int = Field(500, ge=10, le=1_000_000, description="recent predictions the live drift scores cover")
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # load_service_settings merges YAML and env itself (env over YAML); the constructor takes only what it is given.
-        return (init_settings,)
-
-    @field_validator("registry", "data_dir")
-    @classmethod
-    def _uri_not_empty(cls, v: str) -> str:
-        return check_store_uri(v)
-
     @field_validator("alias")
     @classmethod
     def _known_alias(cls, v: str) -> str:
@@ -93,16 +79,6 @@ class ServiceSettings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("tokens must be at least 16 characters (use e.g. `openssl rand -hex 24`)")
         return v
-
-    @model_validator(mode="after")
-    def _s3_endpoint_needs_s3(self) -> "ServiceSettings":
-        if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
-            raise ValueError(f"s3_endpoint_url '{self.s3_endpoint_url}' must start with http:// or https://")
-        return self
-
-    @property
-    def data_is_s3(self) -> bool:
-        return self.data_dir.startswith("s3://")
 
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or max(1, os.cpu_count() or 1)

@@ -64,3 +64,8 @@ def test_durations_and_times_parse():
     assert parse_duration("90s") == 90 and parse_duration("1.5h") == 5400
     assert parse_since("2h", now=10_000.0) == 10_000.0 - 7200
     assert parse_since("2026-11-24T10:00", now=0) == parse_since("2026-11-24T10:00+00:00", now=0)
+
+
+def test_an_s3_endpoint_without_a_scheme_is_refused_as_the_service_refuses_it():
+    r = invoke("drift", env={"CNNLOOP_S3_ENDPOINT_URL": "minio:9000"})
+    assert r.exit_code == 2 and "must start with http://" in r.output

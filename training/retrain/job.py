@@ -32,7 +32,7 @@ from training.retrain.settings import LoopSettings
 
 def open_log(settings: LoopSettings):
     """The service's prediction log; a local data dir that does not exist is a mistake, not an empty log."""
-    if not settings.data_dir.startswith("s3://") and not Path(settings.data_dir).is_dir():
+    if not settings.data_is_s3 and not Path(settings.data_dir).is_dir():
         raise TrainingError(f"data dir {settings.data_dir} does not exist; point --data-dir (CNNLOOP_DATA_DIR) at the "
                             "service's data dir, where it logs predictions and feedback")
     return open_prediction_log(settings.data_dir, settings.s3_endpoint_url)

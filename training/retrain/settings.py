@@ -10,20 +10,16 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic_settings import EnvSettingsSource
 
 from exporters.settings_file import read_settings_file
-from exporters.storage import check_store_uri
+from exporters.locations import StoreLocations
 from training.errors import TrainingError
 
 
-class LoopSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CNNLOOP_", extra="ignore")
+class LoopSettings(StoreLocations):
+    """registry, data_dir and s3_endpoint_url come from StoreLocations, shared with the service."""
 
-    # where things are (the same names the service reads)
-    registry: str = Field("./registry", description="registry URI: a local path or s3://bucket/prefix")
-    data_dir: str = Field("./data/service", description="the service's prediction/feedback log: a local path or s3://bucket/prefix")
-    s3_endpoint_url: str | None = Field(None, description="S3 API endpoint (MinIO, moto...); None = AWS")
     work_dir: Path = Field(Path("./data/retrain"), description="local scratch: fetched bundles, feedback images, challenger runs")
     original_data: Path | None = Field(None, description="folder holding the original training data, when it moved since "
                                        "the first training run (paths are rebased from the recorded data root)")
@@ -55,15 +51,6 @@ class LoopSettings(BaseSettings):
     lock_ttl_s: float = Field(6 * 3600.0, ge=60, description="a lock older than this is stale (its holder died) and is taken over")
     variants: str = Field("int8", description="extra bundle variants the challenger gets: fp16, int8, or none")
 
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        return (init_settings,)
-
-    @field_validator("registry", "data_dir")
-    @classmethod
-    def _uri(cls, v: str) -> str:
-        return check_store_uri(v)
-
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -86,6 +73,11 @@ def load_loop_settings(config_file: Path | None = None, overrides: dict[str, Any
         merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
         return LoopSettings(**merged)
     except ValidationError as e:
-        parts = [f"'{'.'.join(map(str, err['loc']))}' (env CNNLOOP_{'_'.join(map(str, err['loc'])).upper()}): "
-                 f"{err['msg']} (got {err.get('input')!r})" for err in e.errors()]
-        raise TrainingError("invalid settings: " + "; ".join(parts)) from None
+        raise TrainingError("invalid settings: " + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    if not err["loc"]:  # a check across fields: its message names them
+        return err["msg"]
+    field = ".".join(map(str, err["loc"]))
+    return f"'{field}' (env CNNLOOP_{field.upper()}): {err['msg']} (got {err.get('input')!r})"
