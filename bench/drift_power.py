@@ -143,10 +143,12 @@ def score_pool(classifier, clean: np.ndarray, ref: dict, rng: np.random.Generato
 
 def detection_rates(pool: dict, ref: dict, labels: np.ndarray, ants: int, sizes: list[int], windows: int,
                     rng: np.random.Generator) -> list[dict]:
-    from rich.progress import Progress
+    from rich.console import Console
+
+    from training.progress import make_progress
 
     cells = []
-    with Progress() as progress:
+    with make_progress(Console(stderr=True), True) as progress:
         task = progress.add_task("windows", total=len(SHIFTS) * len(sizes) * windows)
         for shift in SHIFTS:
             probs, emb = pool[shift]

@@ -12,9 +12,10 @@ from training.config import TrainConfig
 from training.datasets import discover
 from training.engine import resolve_device
 from training.errors import TrainingError
-from training.fit import Splits, fit_model, make_progress, score_split, seed_everything
+from training.fit import Splits, fit_model, score_split, seed_everything
 from training.image_cache import decode_files
 from training.model import build_classifier
+from training.progress import make_progress
 from training.splits import stratified_kfold, stratified_split
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")

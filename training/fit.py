@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from exporters.preprocess import ResizePolicy
@@ -23,6 +22,7 @@ from training.image_cache import DecodedImages, decode_files
 from training.metrics import classification_scores
 from training.model import build_classifier
 from training.plots import plot_confusion, plot_curves
+from training.progress import ProgressBars, make_progress
 from training.run_dir import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
 from training.splits import stratified_split
 
@@ -53,14 +53,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def make_progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled, transient=False,
-    )
-
-
-def prepare_splits(source: DataSource, cfg: TrainConfig, policy: ResizePolicy, progress: Progress | None) -> Splits:
+def prepare_splits(source: DataSource, cfg: TrainConfig, policy: ResizePolicy, progress: ProgressBars | None) -> Splits:
     """Decode every split once; carve missing val/test splits from train, stratified and seeded."""
     skipped: list[dict] = []
     decoded = {}
@@ -145,7 +138,7 @@ class FitResult:
 
 
 def fit_model(model, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device: torch.device,
-              progress: Progress, console: Console) -> FitResult:
+              progress: ProgressBars, console: Console) -> FitResult:
     """The fine-tuning loop: unfreeze on schedule, train an epoch, score val, stop early, keep the best."""
     model.to(device)
     if cfg.channels_last and device.type == "cuda":

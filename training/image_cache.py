@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from exporters.preprocess import ImageDecodeError, decode_resized_square
 from training.datasets import LabeledFiles
+from training.progress import ProgressBars
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _decode_one(path: Path, size: int) -> np.ndarray | str:
 
 
 def decode_files(files: LabeledFiles, size: int, label: str = "decoding",
-                 progress: Progress | None = None) -> tuple[DecodedImages, list[dict]]:
+                 progress: ProgressBars | None = None) -> tuple[DecodedImages, list[dict]]:
     """Decode `files` to size x size squares. Undecodable files are skipped and returned as
     [{"path", "reason"}] so the caller can warn and record them."""
     # PIL releases the GIL while decoding and resizing: threads scale across cores.

@@ -14,8 +14,9 @@ from training.backbones import get_backbone_spec
 from training.config import TrainConfig, load_train_config
 from training.engine import resolve_device
 from training.errors import TrainingError
-from training.fit import fit_model, make_progress, seed_everything, write_run
+from training.fit import fit_model, seed_everything, write_run
 from training.model import build_classifier
+from training.progress import make_progress
 from training.publish import BUNDLE_WEIGHTS, BUNDLE_WEIGHTS_INFO
 from training.retrain.dataset import RetrainData
 
