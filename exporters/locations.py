@@ -5,9 +5,12 @@ so the names, defaults and checks are defined once, here, and each room's settin
 """
 from __future__ import annotations
 
-from pydantic import Field, field_validator, model_validator
+from typing import Any, Mapping
+
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from exporters.settings_loader import load_settings
 from exporters.storage import check_store_uri
 
 
@@ -20,8 +23,8 @@ class StoreLocations(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
-        # Each room's loader merges its YAML file and the environment itself (env over YAML); the
-        # constructor takes only what it is given.
+        # exporters.settings_loader.load_settings merges the YAML file and the environment (env over
+        # YAML) for every room; the constructor takes only what it is given.
         return (init_settings,)
 
     @field_validator("registry", "data_dir")
@@ -29,12 +32,22 @@ class StoreLocations(BaseSettings):
     def _store_uri(cls, v: str) -> str:
         return check_store_uri(v)
 
-    @model_validator(mode="after")
-    def _endpoint_is_http(self):
-        if self.s3_endpoint_url and not self.s3_endpoint_url.startswith(("http://", "https://")):
-            raise ValueError(f"s3_endpoint_url '{self.s3_endpoint_url}' must start with http:// or https://")
-        return self
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, v: str | None) -> str | None:
+        v = (v or "").strip()
+        if not v:  # a ConfigMap's empty CNNLOOP_S3_ENDPOINT_URL= means AWS, as unset does
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://, e.g. http://minio:9000")
+        return v
 
     @property
     def data_is_s3(self) -> bool:
         return self.data_dir.startswith("s3://")
+
+
+def load_store_locations(overrides: Mapping[str, Any], error: type[Exception],
+                         environ: Mapping[str, str] | None = None) -> StoreLocations:
+    """The locations a command that needs no other settings (export, registry) uses: env CNNLOOP_* < `overrides`."""
+    return load_settings(StoreLocations, error, "store settings", overrides=overrides, environ=environ)

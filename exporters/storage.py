@@ -236,7 +236,7 @@ class S3Store:
                                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run where an IAM role is attached")
         if isinstance(e, (HTTPClientError, BotoConnectionError)):
             return StorageError(f"S3 endpoint unreachable while trying to {action} {where}: {e}; check the endpoint "
-                                "URL (--endpoint-url / AWS_ENDPOINT_URL), that the server runs, and the network")
+                                "URL (--s3-endpoint-url / CNNLOOP_S3_ENDPOINT_URL, or AWS_ENDPOINT_URL), that the server runs, and the network")
         if isinstance(e, ParamValidationError):
             return StorageError(f"cannot {action} {where}: {e}; check the bucket name in the URI")
         if isinstance(e, ClientError):

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import EnvSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
 
-from exporters.preprocess import MAX_PIXELS
-from exporters.settings_file import read_settings_file
 from exporters.locations import StoreLocations
+from exporters.preprocess import MAX_PIXELS
+from exporters.settings_loader import load_settings
 from service.errors import ConfigError
 
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
@@ -101,32 +101,11 @@ class ServiceSettings(StoreLocations):
         return out
 
 
-def _format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "settings"
-        shown = "***" if "token" in field else repr(err.get("input"))
-        parts.append(f"'{field}' (env CNNLOOP_{field.upper()}): {err['msg']} (got {shown})")
-    return "invalid service settings: " + "; ".join(parts)
-
-
-def read_yaml_settings(path: Path) -> dict[str, Any]:
-    return read_settings_file(path, ConfigError, "service config file", f"fix {CONFIG_FILE_ENV} or create the file",
-                              known=ServiceSettings.model_fields)
-
-
 def load_service_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
                           environ: dict[str, str] | None = None) -> ServiceSettings:
     """Resolve the settings: defaults < YAML (`config_file` or $CNNLOOP_CONFIG) < CNNLOOP_* env < overrides."""
     environ = dict(os.environ if environ is None else environ)
     if config_file is None and environ.get(CONFIG_FILE_ENV):
         config_file = Path(environ[CONFIG_FILE_ENV])
-    merged: dict[str, Any] = dict(read_yaml_settings(Path(config_file))) if config_file else {}
-    try:
-        env_source = EnvSettingsSource(ServiceSettings)
-        env_source.env_vars = {k.lower(): v for k, v in environ.items()}
-        merged.update(env_source())
-        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return ServiceSettings(**merged)
-    except ValidationError as e:
-        raise ConfigError(_format_validation_error(e)) from None
+    return load_settings(ServiceSettings, ConfigError, "service settings", config_file, overrides, environ,
+                         file_fix=f"fix {CONFIG_FILE_ENV} or create the file")

@@ -118,3 +118,18 @@ def test_cli_data_digits_writes_an_imagefolder(tmp_path):
     result = runner.invoke(app, ["data", "digits", "--out", str(tmp_path / "dg"), "--limit-per-class", "3", "--json"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "dg").glob("*/*.png"))) == 30
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_cuda_without_a_gpu_exits_2_before_reading_the_data(tmp_path):
+    # The data folder is missing too: the device error coming out shows the device was checked first.
+    result = runner.invoke(app, ["train", str(tmp_path / "missing"), "--out", str(tmp_path / "r"), "--device", "cuda"])
+    assert result.exit_code == 2
+    assert "device 'cuda'" in result.output and "does not exist" not in result.output
+
+
+@pytest.mark.parametrize("command", [["cv", "missing"], ["evaluate", "missing-run", "missing"]], ids=lambda c: c[0])
+def test_an_unknown_device_exits_2_before_reading_the_data(tmp_path, command):
+    result = runner.invoke(app, [command[0], *(str(tmp_path / p) for p in command[1:]), "--device", "gpu"])
+    assert result.exit_code == 2
+    assert "must be auto, cpu, cuda or cuda:N" in result.output and "does not exist" not in result.output

@@ -57,7 +57,7 @@ def test_unreachable_registry_exits_3_before_exporting(run_dir, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     result = _runner().invoke(app, ["export", str(run_dir), "--registry", "s3://bucket/models",
-                                    "--endpoint-url", f"http://127.0.0.1:{_closed_port()}"])
+                                    "--s3-endpoint-url", f"http://127.0.0.1:{_closed_port()}"])
     assert result.exit_code == 3, result.stderr
     assert "127.0.0.1" in result.stderr and "exported model.onnx" not in result.stderr
 
@@ -77,3 +77,22 @@ def test_export_prints_only_the_version_id_and_the_registry_serves_it(run_dir, t
     model, metadata = load_bundle_model(registry.fetch(version, tmp_path / "fetched"), prefer_gpu=False)
     assert set(metadata["variants"]) == {"fp32", "int8"} and metadata["parent_version"] is None
     assert model.path.name in {"model.onnx", "model_int8.onnx"}
+
+
+def test_export_honours_the_s3_endpoint_variable_without_a_flag(run_dir, s3_bucket):
+    from exporters.registry import Registry
+
+    uri = s3_bucket.uri("models")
+    result = _runner().invoke(app, ["export", str(run_dir), "--registry", uri, "--variants", "none"],
+                              env={"CNNLOOP_S3_ENDPOINT_URL": s3_bucket.endpoint_url})
+    assert result.exit_code == 0, result.stderr
+    versions = Registry.open(uri, endpoint_url=s3_bucket.endpoint_url).list_versions()
+    assert [r["version"] for r in versions] == [result.stdout.strip()]
+
+
+def test_a_scheme_less_s3_endpoint_is_refused_with_exit_2_naming_the_setting(tmp_path):
+    result = _runner().invoke(app, ["export", str(tmp_path), "--registry", "s3://bucket/models",
+                                    "--s3-endpoint-url", "localhost:9000"])
+    assert result.exit_code == 2
+    assert "s3_endpoint_url" in result.stderr and "CNNLOOP_S3_ENDPOINT_URL" in result.stderr
+    assert "exported model.onnx" not in result.stderr

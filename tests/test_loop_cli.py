@@ -31,7 +31,7 @@ def test_drift_without_a_production_model_exits_2(tmp_path):
 @pytest.mark.parametrize("args,phrase", [
     (["drift", "--since", "yesterday"], "neither a duration"),
     (["drift", "--since", "2h", "--last", "10"], "not both"),
-    (["drift", "--last", "0"], "greater than"),
+    (["drift", "--last", "0"], "not in the range x>=1"),
     (["retrain", "--every", "often"], "not a duration"),
     (["retrain", "--device", "tpu"], "auto, cpu, cuda"),
 ])
@@ -69,3 +69,28 @@ def test_durations_and_times_parse():
 def test_an_s3_endpoint_without_a_scheme_is_refused_as_the_service_refuses_it():
     r = invoke("drift", env={"CNNLOOP_S3_ENDPOINT_URL": "minio:9000"})
     assert r.exit_code == 2 and "must start with http://" in r.output
+
+
+def test_retrain_on_a_device_this_machine_lacks_exits_2_before_taking_the_lock(tmp_path):
+    import torch
+
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: cuda:0 on a machine without any
+    data = tmp_path / "data"
+    data.mkdir()
+    with StoreLock(open_store(str(data)), ttl_s=600):  # had the pass started, it would exit 4 on this lock
+        r = invoke("retrain", "--registry", str(tmp_path / "reg"), "--data-dir", str(data), "--device", missing)
+    assert r.exit_code == 2 and f"device '{missing}'" in r.output
+
+
+def test_retrain_refuses_cuda_1_without_a_second_gpu_before_any_work(tmp_path):
+    import torch
+
+    if torch.cuda.device_count() > 1:
+        pytest.skip("this machine has a second GPU")
+    r = invoke("retrain", "--registry", str(tmp_path / "reg"), "--data-dir", str(tmp_path / "nope"), "--device", "cuda:1")
+    assert r.exit_code == 2 and "device 'cuda:1'" in r.output and "CNNLOOP_DATA_DIR" not in r.output
+
+
+def test_drift_takes_the_s3_endpoint_flag_over_the_variable():
+    r = invoke("drift", "--s3-endpoint-url", "minio:9000", env={"CNNLOOP_S3_ENDPOINT_URL": "http://minio:9000"})
+    assert r.exit_code == 2 and "got 'minio:9000'" in r.output

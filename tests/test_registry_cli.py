@@ -122,7 +122,7 @@ def test_rollback_without_a_previous_version_exits_2(registry_dir, bundle):
 
 def test_unreachable_registry_exits_3_naming_the_endpoint():
     endpoint = f"http://127.0.0.1:{free_port()}"
-    res = invoke("list", "--registry", "s3://models/reg", "--endpoint-url", endpoint,
+    res = invoke("list", "--registry", "s3://models/reg", "--s3-endpoint-url", endpoint,
                  env={"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"})
     assert res.exit_code == 3 and "unreachable" in res.output and endpoint in res.output
 
@@ -130,7 +130,7 @@ def test_unreachable_registry_exits_3_naming_the_endpoint():
 def test_promote_and_list_work_against_s3(s3_bucket, tmp_path, bundle):
     uri = s3_bucket.uri("reg")
     v = Registry.open(uri, endpoint_url=s3_bucket.endpoint_url).publish(bundle, {})
-    args = ("--registry", uri, "--endpoint-url", s3_bucket.endpoint_url)
+    args = ("--registry", uri, "--s3-endpoint-url", s3_bucket.endpoint_url)
     assert invoke("promote", v, *args).exit_code == 0
     assert json.loads(invoke("list", *args, "--json").stdout)[0]["aliases"] == ["production"]
 
@@ -147,3 +147,18 @@ def test_registry_commands_load_no_torch(registry_dir):
             "r = CliRunner().invoke(app, ['list', '--registry', sys.argv[1]]); assert r.exit_code == 0, r.output; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code, str(registry_dir)], check=True)
+
+
+def test_list_honours_the_s3_endpoint_variable_without_a_flag(s3_bucket, bundle):
+    uri = s3_bucket.uri("reg")
+    v = Registry.open(uri, endpoint_url=s3_bucket.endpoint_url).publish(bundle, {})
+    res = invoke("list", "--json", env={"CNNLOOP_REGISTRY": uri, "CNNLOOP_S3_ENDPOINT_URL": s3_bucket.endpoint_url})
+    assert res.exit_code == 0, res.output
+    assert [r["version"] for r in json.loads(res.stdout)] == [v]
+
+
+@pytest.mark.parametrize("args", [("list",), ("show", "production"), ("promote", "v20200101-000000-000000"), ("rollback",)])
+def test_a_scheme_less_s3_endpoint_is_refused_with_exit_2_naming_the_setting(args):
+    res = invoke(*args, "--registry", "s3://models/reg", "--s3-endpoint-url", "localhost:9000")
+    assert res.exit_code == 2
+    assert "s3_endpoint_url" in res.output and "CNNLOOP_S3_ENDPOINT_URL" in res.output and "http://" in res.output

@@ -47,7 +47,7 @@ def test_settings_refuse_bad_values_naming_the_variable(env, says):
 def test_yaml_with_unknown_setting_is_refused(tmp_path):
     cfg = tmp_path / "s.yaml"
     cfg.write_text("batch_size: 8\n")
-    with pytest.raises(ConfigError, match="unknown settings"):
+    with pytest.raises(ConfigError, match="unknown setting 'batch_size'"):
         load_service_settings(config_file=cfg, environ={})
 
 
@@ -231,6 +231,18 @@ def test_cnnloop_serve_turns_flags_into_absolute_cnnloop_env(tmp_path, monkeypat
     assert "CNNLOOP_ALIAS" not in env
     settings = load_service_settings(environ=env)  # what the worker will make of it
     assert settings.batch_max_size == 8 and settings.top_k == 5
+
+
+def test_cnnloop_serve_resolves_default_and_yaml_paths_where_it_was_typed(tmp_path, monkeypatch):
+    """`cnnloop drift` in the same folder must find the log the service writes (the worker runs elsewhere)."""
+    from training.cli.serve_cmd import serve_environment
+
+    monkeypatch.chdir(tmp_path)
+    env = serve_environment({}, [], None, base={})
+    assert (env["CNNLOOP_REGISTRY"], env["CNNLOOP_DATA_DIR"]) == (str(tmp_path / "registry"), str(tmp_path / "data/service"))
+    (tmp_path / "svc.yaml").write_text("data_dir: logs\n")
+    env = serve_environment({}, [], tmp_path / "svc.yaml", base={})
+    assert env["CNNLOOP_DATA_DIR"] == str(tmp_path / "logs")
 
 
 def test_cnnloop_serve_refuses_tokens_on_the_command_line():

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from exporters.settings_file import read_settings_file
+from exporters.settings_loader import load_settings
+from training.devices import DEVICE_CHOICES, Device
 from training.errors import TrainingError
 
 
@@ -57,11 +58,16 @@ class TrainConfig(BaseSettings):
     min_delta: float = Field(0.0, ge=0)
 
     # hardware and reproducibility
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = Field("auto", description=DEVICE_CHOICES)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
     channels_last: bool = Field(True, description="channels_last memory format on CUDA")
     num_threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's)")
     seed: int = 0
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # load_train_config merges YAML and env (env over YAML); the constructor takes only what it is given.
+        return (init_settings,)
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> "TrainConfig":
@@ -73,30 +79,10 @@ class TrainConfig(BaseSettings):
         return self
 
 
-def _format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown setting '{field}' (see `cnnloop train --help` for the known ones)")
-        else:
-            parts.append(f"'{field}': {err['msg']} (got {err.get('input')!r})")
-    return "invalid training config: " + "; ".join(parts)
-
-
-def read_yaml_config(path: Path) -> dict[str, Any]:
-    return read_settings_file(path, TrainingError, "config file", "pass an existing YAML file to --config")
-
-
-def load_train_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Resolve the config: defaults < YAML `path` < env CNNLOOP_TRAIN_* < `overrides` (CLI flags)."""
-    merged: dict[str, Any] = dict(read_yaml_config(path)) if path else {}
-    try:
-        merged.update(EnvSettingsSource(TrainConfig)())
-        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return TrainConfig(**merged)
-    except ValidationError as e:
-        raise TrainingError(_format_validation_error(e)) from None
+def load_train_config(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+                      environ: Mapping[str, str] | None = None) -> TrainConfig:
+    """Resolve the config: defaults < YAML `path` < env CNNLOOP_TRAIN_* < `overrides` (CLI flags, None = not given)."""
+    return load_settings(TrainConfig, TrainingError, "training config", path, overrides, environ)
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

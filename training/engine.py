@@ -12,17 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training.config import TrainConfig
+from training.devices import resolve_device  # noqa: F401  (re-exported: fit, cv, evaluate import it from here)
 from training.model import Classifier
-
-
-def resolve_device(requested: str) -> torch.device:
-    from training.errors import TrainingError
-
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is visible; use --device auto or cpu")
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
 
 
 def open_stages_at(epoch: int, cfg: TrainConfig, n_stages: int) -> int:

@@ -20,6 +20,17 @@ EXIT_BUSY = 4
 
 err_console = Console(stderr=True)
 
+# Where models and predictions live: the same flags, env vars, defaults and checks in every command
+# (exporters.locations.StoreLocations, which the service and the retrain job extend).
+REGISTRY_OPTION = typer.Option(None, "--registry", show_default=False,
+                               help="Registry URI: a local folder or s3://bucket/prefix (env CNNLOOP_REGISTRY; default ./registry).")
+DATA_DIR_OPTION = typer.Option(None, "--data-dir", show_default=False,
+                               help="The service's prediction/feedback log and stored inputs: a local path or s3://bucket/prefix "
+                               "(env CNNLOOP_DATA_DIR; default ./data/service).")
+S3_ENDPOINT_OPTION = typer.Option(None, "--s3-endpoint-url", show_default=False,
+                                  help="S3 API endpoint of an S3-compatible store (MinIO, Ceph, moto...), http(s)://host:port "
+                                  "(env CNNLOOP_S3_ENDPOINT_URL; unset: AWS_ENDPOINT_URL or AWS itself).")
+
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -41,6 +52,14 @@ def guarded() -> Iterator[None]:
         fail(str(e), EXIT_STORAGE)
     except (TrainingError, ExportError) as e:
         fail(str(e), EXIT_BAD_INPUT)
+
+
+def store_locations(registry: str | None, s3_endpoint_url: str | None, data_dir: str | None = None):
+    """The StoreLocations of the flags over CNNLOOP_* env over defaults; TrainingError (exit 2 under `guarded`) if bad."""
+    from exporters.locations import load_store_locations
+    from training.errors import TrainingError
+
+    return load_store_locations({"registry": registry, "s3_endpoint_url": s3_endpoint_url, "data_dir": data_dir}, TrainingError)
 
 
 def emit_json(obj: Any, path: str | None = None) -> None:

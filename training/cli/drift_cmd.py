@@ -8,7 +8,8 @@ import typer
 from rich.console import Console
 
 from training.cli import loop_options as opt
-from training.cli.common import EXIT_CHECK_FAILED, emit_json, fail, guarded
+from training.cli.common import (DATA_DIR_OPTION, EXIT_CHECK_FAILED, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, fail,
+                                 guarded)
 
 console = Console(stderr=True)
 
@@ -21,7 +22,8 @@ def register(app: typer.Typer) -> None:
         json_out: str = typer.Option(None, "--json", help="Write the full report as JSON to this path ('-': stdout)."),
         png: Path = typer.Option(None, "--png", help="Write a PNG of the report (classes, confidence, embeddings, tests)."),
         fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when drift is detected (for alerting scripts)."),
-        config: Path = opt.CONFIG, registry: str = opt.REGISTRY, data_dir: str = opt.DATA_DIR, endpoint_url: str = opt.ENDPOINT,
+        config: Path = opt.CONFIG, registry: str = REGISTRY_OPTION, data_dir: str = DATA_DIR_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
     ) -> None:
         """Compare logged predictions of the production model with its bundle's reference statistics.
 
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from training.retrain.job import drift_check, open_log
 
         with guarded():
-            settings = opt.settings_overrides(config, registry, data_dir, endpoint_url)
+            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url)
             start = opt.parse_since(since, time.time()) if since else None
             reg = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
             log = open_log(settings)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from training.cli.common import EXIT_BAD_INPUT, emit_json, fail, guarded
+from training.cli.common import EXIT_BAD_INPUT, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, fail, guarded, store_locations
 
 console = Console(stderr=True)
 PROMOTE_ALIASES = ("candidate", "production")
@@ -19,9 +19,8 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_command(
         run_dir: Path = typer.Argument(..., help="A finished training run (the --out of `cnnloop train`).", show_default=False),
-        registry_uri: str = typer.Option(None, "--registry", envvar="CNNLOOP_REGISTRY",
-                                         help="Registry: a local folder or s3://bucket/prefix (env CNNLOOP_REGISTRY)."),
-        endpoint_url: str = typer.Option(None, "--endpoint-url", help="S3 endpoint for S3-compatible stores (MinIO, ...)."),
+        registry_uri: str = REGISTRY_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
         variants: str = typer.Option("fp16,int8", "--variants", help="Extra variants to build: fp16, int8 (comma-separated), or none."),
         max_accuracy_drop: float = typer.Option(1.0, "--max-accuracy-drop",
                                                 help="Refuse a variant losing more validation accuracy than this (points)."),
@@ -37,8 +36,6 @@ def register(app: typer.Typer) -> None:
         """
         if not run_dir.is_dir():
             fail(f"run directory {run_dir} does not exist; pass the --out folder of a finished `cnnloop train`", EXIT_BAD_INPUT)
-        if not registry_uri:
-            fail("no registry given: pass --registry PATH|s3://bucket/prefix or set CNNLOOP_REGISTRY", EXIT_BAD_INPUT)
         if promote is not None and promote not in PROMOTE_ALIASES:
             fail(f"--promote must be one of {', '.join(PROMOTE_ALIASES)}, not '{promote}'", EXIT_BAD_INPUT)
 
@@ -47,11 +44,12 @@ def register(app: typer.Typer) -> None:
         from training.publish import publish_run
 
         with guarded():
+            locations = store_locations(registry_uri, s3_endpoint_url)
             wanted = parse_variants(variants)
             # Registry first: an unreachable store fails in a second (exit 3), not after a minute of
             # exporting. Reading the production alias is that check, and gives the default parent:
             # a new export descends from what is serving (None for a registry's first version).
-            registry = Registry.open(registry_uri, endpoint_url=endpoint_url)
+            registry = Registry.open(locations.registry, endpoint_url=locations.s3_endpoint_url)
             production = registry.resolve("production")
             if parent:
                 registry.show(parent)  # an unknown --parent is refused now, not recorded as a dangling link
@@ -60,7 +58,7 @@ def register(app: typer.Typer) -> None:
             if promote:
                 registry.promote(version, promote)
         kept = [n for n, v in metadata["variants"].items() if not v["refused"]]
-        console.print(f"published version {version} to {registry_uri} (variants: {', '.join(kept)}"
+        console.print(f"published version {version} to {locations.registry} (variants: {', '.join(kept)}"
                       + (f"; refused: {', '.join(metadata['refused_variants'])}" if metadata["refused_variants"] else "")
                       + (f"; alias {promote} -> {version}" if promote else "") + ")", highlight=False, soft_wrap=True)
         if json_out:

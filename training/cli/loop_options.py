@@ -1,4 +1,4 @@
-"""Flags `cnnloop drift` and `cnnloop retrain` share, and the time parsing behind --since / --every."""
+"""Flags `cnnloop drift` and `cnnloop retrain` share (the store flags are in common.py), and the time parsing behind --since / --every."""
 from __future__ import annotations
 
 import re
@@ -12,9 +12,6 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 CONFIG = typer.Option(None, "--config", help="YAML file of drift/retrain settings (see `LoopSettings`); env CNNLOOP_* overrides it.")
-REGISTRY = typer.Option(None, "--registry", help="Registry URI (env CNNLOOP_REGISTRY; default ./registry).")
-DATA_DIR = typer.Option(None, "--data-dir", help="The service's prediction/feedback log: local path or s3:// (env CNNLOOP_DATA_DIR).")
-ENDPOINT = typer.Option(None, "--endpoint-url", help="S3 endpoint for S3-compatible stores (env CNNLOOP_S3_ENDPOINT_URL).")
 
 
 def parse_duration(text: str) -> float:
@@ -38,7 +35,8 @@ def parse_since(text: str, now: float) -> float:
     return t.timestamp()
 
 
-def settings_overrides(config: Path | None, registry: str | None, data_dir: str | None, endpoint: str | None, **more: Any):
+def loop_settings(config: Path | None, registry: str | None, data_dir: str | None, s3_endpoint_url: str | None, **more: Any):
+    """LoopSettings from --config < CNNLOOP_* env < these flags (None = not given)."""
     from training.retrain.settings import load_loop_settings
 
-    return load_loop_settings(config, {"registry": registry, "data_dir": data_dir, "s3_endpoint_url": endpoint, **more})
+    return load_loop_settings(config, {"registry": registry, "data_dir": data_dir, "s3_endpoint_url": s3_endpoint_url, **more})

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from training.cli.common import emit_json, guarded
+from training.cli.common import REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, guarded, store_locations
 
 app = typer.Typer(help="List, inspect, promote and roll back model versions in a registry.", no_args_is_help=True)
 console = Console()
@@ -17,18 +17,15 @@ console = Console()
 # Metadata too large to be worth reading in a terminal; `show --json` still prints it.
 _BULKY_FIELDS = ("reference", "files", "variants", "training", "input", "outputs", "onnx", "preprocess")
 
-RegistryOpt = typer.Option("./registry", "--registry", envvar="CNNLOOP_REGISTRY", show_envvar=True,
-                           help="Registry URI: a local folder or s3://bucket/prefix.")
-EndpointOpt = typer.Option(None, "--endpoint-url", envvar="CNNLOOP_S3_ENDPOINT_URL", show_envvar=True,
-                           help="S3 API endpoint (MinIO, Ceph, moto...); unset: AWS_ENDPOINT_URL or AWS itself.")
 JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout for scripts instead of a table.")
 AliasOpt = typer.Option("production", "--alias", help="Alias to move: production or candidate.")
 
 
-def open_registry(uri: str, endpoint_url: str | None):
+def open_registry(locations):
+    """The registry `locations` (common.store_locations: flags over CNNLOOP_* env, default ./registry) name."""
     from exporters.registry import Registry  # boto3 and the registry load only when a command runs
 
-    return Registry.open(uri, endpoint_url=endpoint_url or None)
+    return Registry.open(locations.registry, endpoint_url=locations.s3_endpoint_url)
 
 
 def _metric(metrics: Any, split: str) -> str:
@@ -37,18 +34,20 @@ def _metric(metrics: Any, split: str) -> str:
 
 
 @app.command("list")
-def list_command(registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
+def list_command(registry: str = REGISTRY_OPTION, s3_endpoint_url: str = S3_ENDPOINT_OPTION, json_out: bool = JsonOpt) -> None:
     """List every complete version, oldest first, with the aliases that point at it.
 
     Uploads that never finished (no bundle.json) are not listed."""
     with guarded():
-        rows = open_registry(registry, endpoint_url).list_versions()
+        locations = store_locations(registry, s3_endpoint_url)
+        rows = open_registry(locations).list_versions()
     if json_out:
         return emit_json(rows)
+    where = locations.registry
     if not rows:
-        console.print(f"no versions in {registry} yet; publish one with `cnnloop export RUN_DIR --registry {registry}`")
+        console.print(f"no versions in {where} yet; publish one with `cnnloop export RUN_DIR --registry {where}`")
         return
-    t = Table(title=f"model versions in {registry}")
+    t = Table(title=f"model versions in {where}")
     # Ids never wrap or get cut: people copy them into `promote`. An id already says when the
     # version was made (UTC), so no separate date column is needed to fit 80 columns.
     t.add_column("version", no_wrap=True, min_width=23)
@@ -65,12 +64,12 @@ def list_command(registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, j
 
 @app.command("show")
 def show_command(version: str = typer.Argument(..., help="A version id, or an alias (production, candidate)."),
-                 registry: str = RegistryOpt, endpoint_url: str = EndpointOpt, json_out: bool = JsonOpt) -> None:
+                 registry: str = REGISTRY_OPTION, s3_endpoint_url: str = S3_ENDPOINT_OPTION, json_out: bool = JsonOpt) -> None:
     """Show one version: its metadata and every file with size and sha256.
 
     --json prints the whole bundle.json, including the drift reference statistics."""
     with guarded():
-        reg = open_registry(registry, endpoint_url)
+        reg = open_registry(store_locations(registry, s3_endpoint_url))
         meta = reg.show(reg.resolve_ref(version))
     if json_out:
         return emit_json(meta)
@@ -89,27 +88,27 @@ def show_command(version: str = typer.Argument(..., help="A version id, or an al
 
 @app.command("promote")
 def promote_command(version: str = typer.Argument(..., help="Version id to point the alias at."),
-                    alias: str = AliasOpt, registry: str = RegistryOpt, endpoint_url: str = EndpointOpt,
+                    alias: str = AliasOpt, registry: str = REGISTRY_OPTION, s3_endpoint_url: str = S3_ENDPOINT_OPTION,
                     json_out: bool = JsonOpt) -> None:
     """Point an alias (default production) at a complete version.
 
     The version it pointed at before is kept in the alias history, so `rollback` can undo this.
     Services following the alias pick the new version up at their next poll."""
     with guarded():
-        res = open_registry(registry, endpoint_url).promote(version, alias)
+        res = open_registry(store_locations(registry, s3_endpoint_url)).promote(version, alias)
     if json_out:
         return emit_json(res)
     console.print(f"{alias}: {res['previous'] or '(none)'} -> {res['version']}" + ("" if res["changed"] else " (unchanged)"))
 
 
 @app.command("rollback")
-def rollback_command(alias: str = AliasOpt, registry: str = RegistryOpt, endpoint_url: str = EndpointOpt,
+def rollback_command(alias: str = AliasOpt, registry: str = REGISTRY_OPTION, s3_endpoint_url: str = S3_ENDPOINT_OPTION,
                      json_out: bool = JsonOpt) -> None:
     """Point an alias back at the version it pointed at before its last promote.
 
     Repeat it to walk further back; it fails when the alias has no earlier version."""
     with guarded():
-        res = open_registry(registry, endpoint_url).rollback(alias)
+        res = open_registry(store_locations(registry, s3_endpoint_url)).rollback(alias)
     if json_out:
         return emit_json(res)
     console.print(f"{alias}: {res['previous']} -> {res['version']} (rolled back)")

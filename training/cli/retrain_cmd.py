@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from training.cli import loop_options as opt
-from training.cli.common import emit_json, err_console, guarded
+from training.cli.common import DATA_DIR_OPTION, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, err_console, guarded
 
 console = Console(stderr=True)
 
@@ -25,9 +25,11 @@ def register(app: typer.Typer) -> None:
         work_dir: Path = typer.Option(None, "--work-dir", help="Local scratch for fetched bundles, feedback images and "
                                       "challenger runs (env CNNLOOP_WORK_DIR; default ./data/retrain)."),
         epochs: int = typer.Option(None, "--epochs", min=1, help="Most fine-tuning epochs (env CNNLOOP_EPOCHS; default 8)."),
-        device: str = typer.Option(None, "--device", help="auto|cpu|cuda (env CNNLOOP_DEVICE)."),
+        device: str = typer.Option(None, "--device", help="Device the challenger trains on: auto, cpu, cuda or cuda:N "
+                                   "(env CNNLOOP_DEVICE; default auto)."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-        config: Path = opt.CONFIG, registry: str = opt.REGISTRY, data_dir: str = opt.DATA_DIR, endpoint_url: str = opt.ENDPOINT,
+        config: Path = opt.CONFIG, registry: str = REGISTRY_OPTION, data_dir: str = DATA_DIR_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
     ) -> None:
         """Check drift on the production model's traffic, decide by policy, and when it says so: fine-tune
         a challenger from the production weights on the original data + labeled feedback, export it,
@@ -36,11 +38,13 @@ def register(app: typer.Typer) -> None:
         Guarded by a lock in the data store (exit 4 when another run holds it). Every pass is appended
         to the audit log DATA_DIR/audit/decisions-YYYY-MM-DD.jsonl. A crash leaves production untouched.
         """
+        from training.devices import resolve_device
         from training.retrain.job import retrain_once
 
         with guarded():
-            settings = opt.settings_overrides(config, registry, data_dir, endpoint_url, original_data=original_data, work_dir=work_dir,
-                                              epochs=epochs, device=device)
+            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url, original_data=original_data, work_dir=work_dir,
+                                         epochs=epochs, device=device)
+            resolve_device(settings.device)  # before the first pass: under --every a pass failing on it would only be logged
             interval = opt.parse_duration(every) if every else None
             if interval is None:
                 outcome = retrain_once(settings, console, force=force, show_progress=not quiet)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import typer
 
-from training.cli.common import EXIT_BAD_INPUT, fail
+from training.cli.common import (DATA_DIR_OPTION, EXIT_BAD_INPUT, REGISTRY_OPTION, S3_ENDPOINT_OPTION, fail, guarded,
+                                 store_locations)
 
 # Flag name -> settings field; the value is passed as CNNLOOP_<FIELD>.
 _SETTING_FLAGS = ("registry", "data_dir", "s3_endpoint_url", "alias", "poll_interval_s", "batch_max_size",
@@ -30,11 +31,22 @@ def _repo_root() -> Path:
     return Path(spec.origin).resolve().parents[1]
 
 
-def _absolute_local_paths(env: dict[str, str]) -> None:
-    # The BentoML worker runs in the repository root, so relative paths must be resolved here.
+def _absolute_local_paths(env: dict[str, str], config: Path | None) -> None:
+    """Resolve every relative local path against the caller's folder, given or not.
+
+    The BentoML worker runs in the repository root. A relative path from a flag, the env, the YAML
+    file, or a default (./registry, ./data/service) must mean what it means where the user typed
+    `cnnloop serve`: that is where `cnnloop drift` and `cnnloop retrain` look for the same data."""
+    from exporters.errors import ExportError
+    from exporters.locations import StoreLocations
+    from exporters.settings_loader import read_settings_file
+
+    in_file = read_settings_file(config, ExportError, "service config file", "pass an existing YAML file") if config else {}
+    defaults = {"REGISTRY": StoreLocations.model_fields["registry"].default,
+                "DATA_DIR": StoreLocations.model_fields["data_dir"].default}
     for name in _LOCAL_PATH_SETTINGS:
-        value = env.get(f"CNNLOOP_{name}")
-        if value and "://" not in value:
+        value = env.get(f"CNNLOOP_{name}") or in_file.get(name.lower()) or defaults.get(name)
+        if value and "://" not in str(value):
             env[f"CNNLOOP_{name}"] = str(Path(value).expanduser().resolve())
 
 
@@ -54,7 +66,7 @@ def serve_environment(flags: dict[str, object], extra: list[str], config: Path |
         if "token" in key.lower():
             fail("tokens are read from the environment only (CNNLOOP_API_TOKEN, CNNLOOP_PREDICT_TOKEN)", EXIT_BAD_INPUT)
         env[f"CNNLOOP_{key.strip().upper()}"] = value
-    _absolute_local_paths(env)
+    _absolute_local_paths(env, config)
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")
     return env
 
@@ -62,9 +74,9 @@ def serve_environment(flags: dict[str, object], extra: list[str], config: Path |
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve_command(
-        registry: str = typer.Option(None, "--registry", help="Registry URI (local path or s3://bucket/prefix). Env CNNLOOP_REGISTRY; default ./registry."),
-        data_dir: str = typer.Option(None, "--data-dir", help="Prediction/feedback log and stored inputs (local path or s3://). Default ./data/service."),
-        s3_endpoint_url: str = typer.Option(None, "--s3-endpoint-url", help="S3 API endpoint (MinIO...)."),
+        registry: str = REGISTRY_OPTION,
+        data_dir: str = DATA_DIR_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
         config: Path = typer.Option(None, "--config", help="YAML file of service settings (keys as ServiceSettings fields)."),
         alias: str = typer.Option(None, "--alias", help="Registry alias to serve and follow (default production)."),
         poll_interval_s: float = typer.Option(None, "--poll-interval", help="Seconds between alias checks; 0 = never."),
@@ -86,7 +98,11 @@ def register(app: typer.Typer) -> None:
         flags = {name: value for name, value in locals().items() if name in _SETTING_FLAGS}
         if config is not None and not config.is_file():
             fail(f"--config {config} does not exist")
-        env = serve_environment(flags, extra, config.resolve() if config else None)
+        with guarded():
+            # The worker validates every setting again; the locations are checked here too, so a bad
+            # --registry or --s3-endpoint-url exits 2 at once instead of inside `bentoml serve`.
+            store_locations(registry, s3_endpoint_url, data_dir)
+            env = serve_environment(flags, extra, config.resolve() if config else None)
         root = _repo_root()
         cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:CnnloopService",
                "--working-dir", str(root), "--host", host, "--port", str(port)]

@@ -46,11 +46,13 @@ def register(app: typer.Typer) -> None:
         Data-parallel on several CPUs or GPUs: torchrun --standalone --nproc_per_node=N --no-python cnnloop train ...
         """
         from training.config import load_train_config
+        from training.devices import resolve_device
         from training.distributed import read_launch_env
         from training.fit import train
 
         with guarded():
             cfg = load_train_config(config, overrides)
+            resolve_device(cfg.device)  # a device this machine lacks fails before any image is decoded
             launch = read_launch_env()
             metrics = train(data, out, cfg, test_dir=test_dir, overwrite=overwrite, console=console, show_progress=not quiet)
         if not launch.is_main:
@@ -73,9 +75,11 @@ def register(app: typer.Typer) -> None:
         """k-fold cross-validation: accuracy and macro-F1 as mean +- std over folds."""
         from training.config import load_train_config
         from training.cv import cross_validate
+        from training.devices import resolve_device
 
         with guarded():
             cfg = load_train_config(config, overrides)
+            resolve_device(cfg.device)
             result = cross_validate(data, cfg, folds, console=console, show_progress=not quiet)
         t = Table(title=f"{folds}-fold cross-validation on {data}")
         t.add_column("metric")
@@ -93,12 +97,14 @@ def register(app: typer.Typer) -> None:
         data: Path = typer.Argument(..., help="Labeled ImageFolder to score (its classes must be known to the run).", show_default=False),
         out: Path = typer.Option(None, "--out", help="Folder for the confusion matrix PNG and scores JSON."),
         json_out: str = typer.Option(None, "--json", help="Write the scores as JSON ('-' for stdout)."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     ) -> None:
         """Re-score a trained run on any labeled folder (accuracy, macro P/R/F1, per-class, confusion)."""
+        from training.devices import resolve_device
         from training.evaluate import evaluate_run
 
         with guarded():
+            resolve_device(device)
             scores = evaluate_run(run_dir, data, out, device)
         console.print(_scores_table(f"{run_dir} on {data}", {"data": scores}))
         if json_out:

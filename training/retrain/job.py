@@ -18,6 +18,7 @@ from exporters.preprocess import ResizePolicy
 from exporters.registry import Registry
 from exporters.storage import open_store
 from exporters.variants import parse_variants
+from training.devices import resolve_device
 from training.drift.report import build_report, load_reference_set, window_from_records
 from training.errors import TrainingError
 from training.publish import ORIGINAL_SPLITS, publish_run
@@ -66,6 +67,7 @@ def report_summary(report: dict) -> dict:
 def retrain_once(settings: LoopSettings, console: Console, force: bool = False, show_progress: bool = True) -> dict:
     """One pass under the lock; returns the record it appended to the audit log."""
     t0 = time.perf_counter()
+    resolve_device(settings.device)  # a device this machine lacks fails now, not after the drift check and data
     store = open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url)
     registry = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
     with StoreLock(store, settings.lock_ttl_s):

@@ -5,15 +5,14 @@ ConfigMap configures both; the rest are the drift thresholds and the retrain pol
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import EnvSettingsSource
+from pydantic import Field
 
-from exporters.settings_file import read_settings_file
 from exporters.locations import StoreLocations
+from exporters.settings_loader import load_settings
+from training.devices import DEVICE_CHOICES, Device
 from training.errors import TrainingError
 
 
@@ -47,37 +46,12 @@ class LoopSettings(StoreLocations):
                                    "(feedback repeated up to it; the original data is always replayed in full)")
     promote_margin: float = Field(0.01, ge=0, le=1, description="challenger must beat the champion on the holdout by this (accuracy)")
     test_tolerance: float = Field(0.02, ge=0, le=1, description="and may lose at most this on the original test split")
-    device: str = Field("auto", description="auto|cpu|cuda")
+    device: Device = Field("auto", description=f"{DEVICE_CHOICES}; also the challenger's training device")
     lock_ttl_s: float = Field(6 * 3600.0, ge=60, description="a lock older than this is stale (its holder died) and is taken over")
     variants: str = Field("int8", description="extra bundle variants the challenger gets: fp16, int8, or none")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
-        return v
 
 
 def load_loop_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None,
                        environ: dict[str, str] | None = None) -> LoopSettings:
     """defaults < YAML `config_file` < CNNLOOP_* env < `overrides` (CLI flags, None = not given)."""
-    merged: dict[str, Any] = {}
-    if config_file is not None:
-        merged.update(read_settings_file(Path(config_file), TrainingError, "config file", "pass an existing YAML file to --config",
-                                         known=LoopSettings.model_fields))
-    try:
-        env = EnvSettingsSource(LoopSettings)
-        env.env_vars = {k.lower(): v for k, v in (os.environ if environ is None else environ).items()}
-        merged.update(env())
-        merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return LoopSettings(**merged)
-    except ValidationError as e:
-        raise TrainingError("invalid settings: " + "; ".join(_describe(err) for err in e.errors())) from None
-
-
-def _describe(err: dict) -> str:
-    if not err["loc"]:  # a check across fields: its message names them
-        return err["msg"]
-    field = ".".join(map(str, err["loc"]))
-    return f"'{field}' (env CNNLOOP_{field.upper()}): {err['msg']} (got {err.get('input')!r})"
+    return load_settings(LoopSettings, TrainingError, "drift/retrain settings", config_file, overrides, environ)
