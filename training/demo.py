@@ -8,6 +8,7 @@ so "after" is measured on images no model was trained on.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -76,9 +77,12 @@ def run_demo(work_dir: Path, console: Console, show_progress: bool = True) -> di
                             session / "service.log")
     timings["service_start_s"] = time.perf_counter() - t
     try:
-        return _loop(session, service, registry, before, pool, metrics, timings, t_all, console, show_progress)
+        summary = _loop(session, service, registry, before, pool, metrics, timings, t_all, console, show_progress)
     finally:
         service.stop()
+    # Always on disk, so a script (or CI) can check the loop closed without asking for --json.
+    (session / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    return summary
 
 
 def _loop(session, service, registry, before, pool, train_metrics, timings, t_all, console, show_progress) -> dict:
@@ -144,5 +148,6 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
         "train": {s: {k: train_metrics[s][k] for k in ("n", "accuracy", "macro_f1")} for s in ("val", "test")},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "paths": {"session": str(session), "drift_png": str(session / "drift.png"), "service_log": str(session / "service.log"),
-                  "audit_log": str(session / "service-data" / "audit")},
+                  "audit_log": str(session / "service-data" / "audit"),
+                  "summary": str(session / "summary.json")},
     }
