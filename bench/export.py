@@ -49,8 +49,8 @@ def time_passes(predict, images: np.ndarray, batch: int, reps: int) -> tuple[flo
 
 
 def export_run(run_dir: Path, out_dir: Path):
-    from exporters.bundle import export_bundle
-    from training.export_inputs import read_export_inputs
+    from exporters.bundle_export import export_bundle
+    from training.run_to_bundle import read_export_inputs
 
     inputs = read_export_inputs(run_dir)
     run = inputs.run

@@ -1,178 +1,181 @@
-"""A model bundle: what one registry version holds, and how a trained model becomes one.
+"""The model bundle format: the files one registry version holds, and a bundle folder read back.
 
-Layout of a bundle directory (the registry adds bundle.json = this metadata + file checksums):
-    model.onnx          fp32 graph, uint8 NHWC input, (probabilities, embedding) outputs
-    model_fp16.onnx     optional, GPU variant, kept only within the accuracy margin
-    model_int8.onnx     optional, CPU variant (static QDQ), same rule
-    reference.npz       arrays the drift report compares live traffic against
+Layout of a bundle directory:
+    bundle.json           metadata (what export_bundle records, plus the retrain files), and once
+                          published the registry's version id and the sha256/size of every file
+    model.onnx            fp32 graph, uint8 NHWC input, (probabilities, embedding) outputs
+    model_fp16.onnx       optional, GPU variant, kept only within the accuracy margin
+    model_int8.onnx       optional, CPU variant (static QDQ), same rule
+    reference.npz         arrays the drift checks compare live traffic against
+    model.safetensors     torch weights and their description (backbone, classes, policy), named as
+    model.json            in the run directory: training.run_dir.rebuild_classifier reads both folders
+    original_splits.json  the training splits every retrain replays
 
-The torch model comes in as an argument (exporters never import training/); reading a bundle back
-is `onnx_runtime.load_bundle_model`, which needs no torch.
+Writing one is `exporters.bundle_export` (graphs, reference) and `training.run_to_bundle` (weights,
+splits). Reading one needs neither torch nor onnxruntime: the service imports this module.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-import time
+import json
+import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from exporters.errors import ExportError
-from exporters.onnx_export import PARITY_TOLERANCE, check_parity, export_onnx, torch_predict
-from exporters.onnx_runtime import OnnxClassifier
 from exporters.preprocess import ResizePolicy
-from exporters.reference_stats import MAX_SAMPLE, reference_statistics, save_reference
-from exporters.variants import DEFAULT_MAX_ACCURACY_DROP, VARIANTS, accuracy, build_and_judge
+from exporters.reference_stats import load_reference
 
 FORMAT_VERSION = 1
+BUNDLE_JSON = "bundle.json"
 MODEL_FILE = "model.onnx"
-# MinMax calibration of efficientnet_lite0 on 100 images takes ~6 s on 2 cores; more images barely
-# move the ranges.
-CALIBRATION_IMAGES = 100
-# Training images export_bundle uses at most (calibration, PCA fit): callers need decode no more.
-TRAIN_SAMPLE = max(CALIBRATION_IMAGES, MAX_SAMPLE)
+REFERENCE_FILE = "reference.npz"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INFO_FILE = "model.json"
+ORIGINAL_SPLITS_FILE = "original_splits.json"
 
 
-@dataclass
-class LabeledImages:
-    images: np.ndarray  # uint8 N x H x W x 3, each from preprocess.load_model_input
-    labels: np.ndarray  # int64 class indices into the bundle's labels
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != np.uint8 or self.images.ndim != 4 or len(self.images) != len(self.labels):
-            raise ExportError(f"images must be uint8 N x H x W x 3 with one label each; got {self.images.dtype} "
-                              f"{self.images.shape} and {len(self.labels)} labels")
+def variant_file(name: str) -> str:
+    return MODEL_FILE if name == "fp32" else f"model_{name}.onnx"
 
 
-@dataclass
-class RunDescription:
-    """What the bundle records about the training run it came from."""
+def retrain_metadata() -> dict:
+    """bundle.json's "retrain" entry. Readers follow the names it records, not these constants:
+    bundles published before the weights took the run directory's names call them
+    weights.safetensors and weights.json, and still warm-start a retrain."""
+    return {"weights": WEIGHTS_FILE, "weights_info": WEIGHTS_INFO_FILE, "original_splits": ORIGINAL_SPLITS_FILE}
 
-    backbone: dict
+
+@dataclass(frozen=True)
+class Variant:
+    """One graph of the bundle (fp32, fp16, int8) and how it fared on the validation images."""
+
+    name: str
+    file: str | None  # None when refused: the file was deleted
+    refused: bool
+    refusal_reason: str | None
+    accuracy: float | None
+    accuracy_delta_points: float | None
+
+
+@dataclass(frozen=True)
+class RetrainFiles:
+    """What the next retrain warm-starts from and replays; the files may be absent (checked where used)."""
+
+    weights: Path
+    weights_info: Path
+    original_splits: Path
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """What live traffic is compared with: bundle.json's reference figures and the reference.npz arrays
+    (exporters.reference_stats). The arrays are None when the bundle has no reference.npz."""
+
+    path: Path
+    class_prior: np.ndarray | None  # float64; bundle.json's, else the array's
+    val_accuracy: float
+    temperature: float
+    probs_sample: np.ndarray | None = None  # validation softmax outputs, N x K
+    labels_sample: np.ndarray | None = None  # their true classes
+    pca_mean: np.ndarray | None = None
+    pca_components: np.ndarray | None = None
+    embeddings_pca_sample: np.ndarray | None = None  # validation embeddings, PCA-projected
+
+    @property
+    def has_arrays(self) -> bool:
+        return self.probs_sample is not None
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One bundle folder as its bundle.json describes it (`read_bundle`)."""
+
+    path: Path
+    version: str | None  # None until the registry publishes it
+    format_version: int | None
+    created_at: str | None
+    parent_version: str | None
+    labels: tuple[str, ...]
+    policy: ResizePolicy
+    input: dict  # the graph input: name, dtype, layout, shape, color, value_range
+    outputs: dict  # output names of probabilities and embedding, embed_dim
+    backbone: dict | None
+    variants: dict[str, Variant]
+    reference: dict  # the small figures; the arrays are read_reference_stats(bundle)
+    metrics: dict  # val/test summaries of the training run
     training_config: dict
-    metrics: dict  # the run's metrics.json; only the val/test summaries are kept
-    dataset_fingerprint: dict
-    train_class_counts: list[int]  # of the whole train split: the drift report's class prior
-    source_run: str
+    source_run: str | None
+    dataset_fingerprint: dict | None
+    retrain: RetrainFiles
+
+    @property
+    def kept_variants(self) -> list[str]:
+        return [name for name, v in self.variants.items() if v.file]
+
+    @property
+    def refused_variants(self) -> list[str]:
+        return [name for name, v in self.variants.items() if v.refused]
+
+    def variant_path(self, name: str) -> Path:
+        entry = self.variants.get(name)
+        if entry is None or not entry.file:
+            raise ExportError(f"bundle {self.path} has no '{name}' variant (kept: {', '.join(self.kept_variants)}); pick one of those")
+        return self.path / _plain_name(entry.file)
 
 
-def dataset_fingerprint(paths: Sequence[Path | str]) -> dict:
-    """sha256 over sorted (path relative to the files' common folder, file sha256): moving the
-    dataset keeps the fingerprint, changing, adding or removing any image changes it."""
-    paths = [Path(p).resolve() for p in paths]
-    if not paths:
-        raise ExportError("the run's train split lists no files; cannot fingerprint the training data")
-    missing = [str(p) for p in paths if not p.is_file()]
+def _plain_name(name) -> str:
+    # bundle.json names files inside its own folder; a path in it would read outside the bundle.
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise ExportError(f"{BUNDLE_JSON} names the file {name!r}; bundle files are plain names: re-export the bundle")
+    return name
+
+
+def _variant(name: str, entry: dict) -> Variant:
+    return Variant(name=name, file=entry.get("file"), refused=bool(entry.get("refused")),
+                   refusal_reason=entry.get("refusal_reason"), accuracy=entry.get("accuracy"),
+                   accuracy_delta_points=entry.get("accuracy_delta_points"))
+
+
+def _retrain_files(path: Path, meta: dict) -> RetrainFiles:
+    names = {**retrain_metadata(), **(meta.get("retrain") or {})}
+    return RetrainFiles(*(path / _plain_name(names[k]) for k in ("weights", "weights_info", "original_splits")))
+
+
+def read_bundle(bundle_dir: Path | str) -> Bundle:
+    """A fetched bundle folder's bundle.json, typed; the files it names are not opened."""
+    path = Path(bundle_dir)
+    if not (path / BUNDLE_JSON).is_file():
+        raise ExportError(f"{bundle_dir} is not a model bundle: {BUNDLE_JSON} is missing (fetch it with the registry)")
+    meta = json.loads((path / BUNDLE_JSON).read_text())
+    missing = [k for k in ("labels", "preprocess", "variants") if k not in meta]
     if missing:
-        raise ExportError(f"{len(missing)} training image(s) listed in splits.json are missing (e.g. {missing[0]}); "
-                          "the bundle must fingerprint the data it was trained on: restore them or retrain")
-    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    entries = sorted((p.relative_to(root).as_posix(), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths)
-    digest = hashlib.sha256()
-    for rel, sha in entries:
-        digest.update(f"{rel}\0{sha}\n".encode())
-    return {"sha256": digest.hexdigest(), "n_files": len(entries), "algorithm": "sha256 of sorted 'relpath\\0sha256\\n' lines"}
+        raise ExportError(f"{path / BUNDLE_JSON} lacks {', '.join(missing)}; it was not written by `cnnloop export`: re-export the run")
+    training = meta.get("training") or {}
+    return Bundle(
+        path=path, version=meta.get("version"), format_version=meta.get("format_version"),
+        created_at=meta.get("created_at"), parent_version=meta.get("parent_version"),
+        labels=tuple(meta["labels"]), policy=ResizePolicy.from_bundle(meta),
+        input=dict(meta.get("input") or {}), outputs=dict(meta.get("outputs") or {}), backbone=meta.get("backbone"),
+        variants={name: _variant(name, entry) for name, entry in meta["variants"].items()},
+        reference=dict(meta.get("reference") or {}), metrics=dict(meta.get("metrics") or {}),
+        training_config=dict(training.get("config") or {}), source_run=training.get("source_run"),
+        dataset_fingerprint=meta.get("dataset_fingerprint"), retrain=_retrain_files(path, meta),
+    )
 
 
-def metrics_summary(metrics: dict) -> dict:
-    """val/test scores and the early-stopping facts; the per-epoch history stays in the run dir."""
-    keep = ("val", "test", "best_epoch", "monitor", "class_counts", "device")
-    return {k: metrics[k] for k in keep if k in metrics}
-
-
-def spread_sample(n: int, k: int) -> np.ndarray:
-    """k indices spread evenly over range(n): deterministic and covering every class in sorted splits."""
-    return np.unique(np.linspace(0, n - 1, num=min(n, k)).round().astype(int)) if n else np.zeros(0, int)
-
-
-def _check_batch_sizes(classifier: OnnxClassifier, images: np.ndarray, n_classes: int) -> None:
-    """The batch axis must really be dynamic: a graph traced with a fixed batch fails here, not in the service."""
-    for n in (1, 5):
-        batch = images[np.arange(n) % len(images)]
-        probs, emb = classifier.run(batch)
-        if probs.shape != (n, n_classes) or emb.shape[0] != n:
-            raise ExportError(f"exported graph answers a batch of {n} with shapes {probs.shape}, {emb.shape}; "
-                              f"expected ({n}, {n_classes}) probabilities and {n} embeddings")
-
-
-def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescription, val: LabeledImages,
-                  train_images: np.ndarray, out_dir: Path, variants: Sequence[str] = VARIANTS,
-                  max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, parent_version: str | None = None,
-                  log: Callable[[str], None] = lambda _: None) -> tuple[Path, dict]:
-    """Export `model` (a torch Classifier) into `out_dir` and return (out_dir, metadata for Registry.publish).
-
-    `val` are the run's validation images (parity, variant accuracy, reference statistics);
-    `train_images` up to TRAIN_SAMPLE uint8 training images (int8 calibration, PCA fit when val is small).
-
-    Fails with ExportError when the ONNX graph disagrees with torch on the validation images."""
-    import onnx
-    import onnxruntime
-    import torch
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if len(val.images) == 0:
-        raise ExportError("the run has no validation images; the parity check and the variant figures need them (retrain with a val split)")
-    if val.images.shape[1:3] != (policy.crop_size, policy.crop_size):
-        raise ExportError(f"validation images are {val.images.shape[1:3]}, the model expects {policy.crop_size}; "
-                          "preprocess them with exporters.preprocess.load_model_input and the run's policy")
-
-    start = time.perf_counter()
-    model = model.eval().cpu()
-    graph = export_onnx(model, policy.crop_size, out_dir / MODEL_FILE)
-    log(f"exported {MODEL_FILE} with {graph.exporter}, opset {graph.opset} ({time.perf_counter() - start:.1f}s)")
-
-    fp32 = OnnxClassifier(out_dir / MODEL_FILE, prefer_gpu=False)
-    _check_batch_sizes(fp32, val.images, len(classes))
-    ort_probs, ort_emb = fp32.predict(val.images)
-    torch_probs, torch_emb = torch_predict(model, val.images)
-    parity = check_parity(torch_probs, ort_probs, PARITY_TOLERANCE)
-    parity["embedding_max_abs_diff"] = float(np.max(np.abs(torch_emb - ort_emb)))
-    log(f"parity on {parity['n_images']} val images: max |dp| {parity['max_abs_diff']:.2e}, top-1 agreement {100 * parity['top1_agreement']:.0f}%")
-
-    fp32_acc = accuracy(ort_probs, val.labels)
-    variant_entries = {"fp32": {
-        "file": MODEL_FILE, "refused": False, "accuracy": fp32_acc, "accuracy_delta_points": 0.0,
-        "parity_vs_torch": parity, "size_bytes": (out_dir / MODEL_FILE).stat().st_size,
-        "measured_with": "onnxruntime CPUExecutionProvider",
-    }}
-    calibration = train_images[spread_sample(len(train_images), CALIBRATION_IMAGES)]
-    for name in variants:
-        entry = build_and_judge(name, out_dir / MODEL_FILE, out_dir, calibration, val.images, val.labels, ort_probs, max_accuracy_drop)
-        variant_entries[name] = entry
-        verdict = f"REFUSED: {entry['refusal_reason']}" if entry["refused"] else "kept"
-        log(f"{name}: val accuracy {100 * entry['accuracy']:.2f}% ({entry['accuracy_delta_points']:+.2f} points vs fp32), {verdict}")
-
-    # The PCA basis is fitted on training embeddings, never on the validation sample it projects:
-    # fitted on its own points, a 32-dim basis in 1280 dims inflates their spread and MMD then
-    # flags every clean window (measured on hymenoptera: 85-100% false alarms; 0-2% held out).
-    extra = fp32.predict(train_images[spread_sample(len(train_images), MAX_SAMPLE)])[1] if len(train_images) else None
-    reference, arrays = reference_statistics(ort_probs, ort_emb, val.labels, run.train_class_counts, extra_embeddings=extra)
-    save_reference(out_dir / reference["file"], arrays)
-
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "parent_version": parent_version,
-        "labels": list(classes),
-        "input": {"name": graph.input_name, "dtype": graph.input_dtype, "layout": graph.input_layout,
-                  "shape": graph.input_shape, "color": "RGB", "value_range": [0, 255]},
-        "outputs": {"probabilities": graph.output_names[0], "embedding": graph.output_names[1], "embed_dim": graph.embed_dim},
-        "preprocess": {**policy.as_dict(), "function": "exporters.preprocess.load_model_input"},
-        "backbone": run.backbone,
-        "metrics": metrics_summary(run.metrics),
-        "training": {"config": run.training_config, "source_run": run.source_run},
-        "dataset_fingerprint": run.dataset_fingerprint,
-        "onnx": {"opset": graph.opset, "exporter": graph.exporter, "onnx": onnx.__version__,
-                 "onnxruntime": onnxruntime.__version__, "torch": torch.__version__},
-        "max_accuracy_drop_points": max_accuracy_drop,
-        "variants": variant_entries,
-        "refused_variants": [n for n, v in variant_entries.items() if v["refused"]],
-        "reference": reference,
-        "export_seconds": round(time.perf_counter() - start, 1),
-    }
-    return out_dir, metadata
+def read_reference_stats(bundle: Bundle) -> ReferenceStats:
+    summary = bundle.reference
+    path = bundle.path / _plain_name(summary.get("file", REFERENCE_FILE))
+    arrays = load_reference(path) if path.is_file() else {}
+    prior = summary.get("class_prior")
+    if prior is None:
+        prior = arrays.get("class_prior")
+    return ReferenceStats(
+        path=path, class_prior=None if prior is None else np.asarray(prior, dtype=np.float64),
+        val_accuracy=float(summary.get("val_accuracy", math.nan)), temperature=float(summary.get("temperature", 1.0)),
+        probs_sample=arrays.get("probs_sample"), labels_sample=arrays.get("labels_sample"),
+        pca_mean=arrays.get("pca_mean"), pca_components=arrays.get("pca_components"),
+        embeddings_pca_sample=arrays.get("embeddings_pca_sample"),
+    )

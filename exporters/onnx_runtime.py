@@ -4,15 +4,13 @@ torch-free on purpose: the service imports this with only onnxruntime(-gpu), num
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from exporters.bundle import Bundle, read_bundle
 from exporters.errors import ExportError
-
-BUNDLE_METADATA = "bundle.json"
 
 
 def choose_providers(prefer_gpu: bool = True) -> list[str]:
@@ -69,16 +67,9 @@ class OnnxClassifier:
         return np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts])
 
 
-def read_bundle_metadata(bundle_dir: Path | str) -> dict:
-    path = Path(bundle_dir) / BUNDLE_METADATA
-    if not path.is_file():
-        raise ExportError(f"{bundle_dir} is not a model bundle: {BUNDLE_METADATA} is missing (fetch it with the registry)")
-    return json.loads(path.read_text())
-
-
-def pick_variant(metadata: dict, prefer_gpu: bool = True) -> str:
+def pick_variant(bundle: Bundle, prefer_gpu: bool = True) -> str:
     """fp16 on a GPU host, int8 on CPU, fp32 otherwise: the fastest variant the bundle kept."""
-    kept = [name for name, v in metadata["variants"].items() if v.get("file")]
+    kept = bundle.kept_variants
     on_gpu = prefer_gpu and "CUDAExecutionProvider" in ort.get_available_providers()
     for name in (["fp16", "fp32"] if on_gpu else ["int8", "fp32"]):
         if name in kept:
@@ -87,12 +78,8 @@ def pick_variant(metadata: dict, prefer_gpu: bool = True) -> str:
 
 
 def load_bundle_model(bundle_dir: Path | str, variant: str | None = None, prefer_gpu: bool = True,
-                      threads: int | None = None) -> tuple[OnnxClassifier, dict]:
-    """Open a fetched bundle's graph (the named variant, or the best one for this host) and its metadata."""
-    metadata = read_bundle_metadata(bundle_dir)
-    variant = variant or pick_variant(metadata, prefer_gpu)
-    entry = metadata["variants"].get(variant)
-    if not entry or not entry.get("file"):
-        kept = [n for n, v in metadata["variants"].items() if v.get("file")]
-        raise ExportError(f"bundle {bundle_dir} has no '{variant}' variant (kept: {', '.join(kept)}); pick one of those")
-    return OnnxClassifier(Path(bundle_dir) / entry["file"], prefer_gpu, threads), metadata
+                      threads: int | None = None) -> tuple[OnnxClassifier, Bundle]:
+    """Open a fetched bundle's graph (the named variant, or the best one for this host) and the bundle."""
+    bundle = read_bundle(bundle_dir)
+    path = bundle.variant_path(variant or pick_variant(bundle, prefer_gpu))
+    return OnnxClassifier(path, prefer_gpu, threads), bundle

@@ -2,7 +2,7 @@
 
 Small figures (class prior, accuracy, ECE, temperature) go into bundle metadata; arrays (a sample
 of validation softmax outputs, the PCA basis and the projected embedding sample) go into
-`reference.npz`, so the service can load them without torch.
+`reference.npz` (exporters.bundle names it and reads it back), so the service loads them without torch.
 """
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-REFERENCE_FILE = "reference.npz"
 MAX_SAMPLE = 500
 MAX_PCA_COMPONENTS = 32
 ECE_BINS = 10
@@ -123,7 +122,6 @@ def reference_statistics(val_probs: np.ndarray, val_embeddings: np.ndarray, val_
         "ece_after_temperature": expected_calibration_error(apply_temperature(val_probs, temperature), val_labels),
         "pca": {"components": int(len(components)), "fitted_on": int(len(fit_on)),
                 "explained_variance": float(ratio.sum())},
-        "file": REFERENCE_FILE,
     }
     arrays = {
         "class_prior": prior.astype(np.float32),

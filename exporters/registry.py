@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
+from exporters.bundle import BUNDLE_JSON
 from exporters.errors import AliasMoved, RegistryError, StorageError
 from exporters.storage import Store, open_store
 
 ALIASES = ("production", "candidate")
-BUNDLE_JSON = "bundle.json"
 # Enough to roll back through a bad week of hourly retrains; keeps the alias object small.
 HISTORY_LIMIT = 50
 ALIAS_WRITE_ATTEMPTS = 50

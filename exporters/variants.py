@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from exporters.bundle import variant_file
 from exporters.errors import ExportError
 from exporters.onnx_export import INPUT_NAME, parity_figures
 from exporters.onnx_runtime import OnnxClassifier
@@ -117,7 +118,7 @@ def refusal_reason(name: str, fp32_accuracy: float, variant_accuracy: float, max
 
 
 def build_variant(name: str, fp32_path: Path, out_dir: Path, calibration_images: np.ndarray) -> Path:
-    out_path = Path(out_dir) / f"model_{name}.onnx"
+    out_path = Path(out_dir) / variant_file(name)
     if name == "fp16":
         return build_fp16(fp32_path, out_path)
     if name == "int8":

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from exporters.bundle import Bundle, read_reference_stats
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
 from exporters.preprocess import ResizePolicy
 from service.settings import ServiceSettings
@@ -46,11 +47,10 @@ class Reference:
 class LoadedModel:
     version: str
     classifier: OnnxClassifier
-    metadata: dict
+    bundle: Bundle
     labels: list[str]
     policy: ResizePolicy
     variant: str
-    bundle_dir: Path
     reference: Reference
     fetch_dir: Path | None = None  # the cache folder this model was fetched into; removed when it is replaced
     loaded_at: float = field(default_factory=time.time)
@@ -69,10 +69,10 @@ class LoadedModel:
             "providers": self.providers,
             "labels": self.labels,
             "input": {"size": self.policy.crop_size, "resize_size": self.policy.resize_size,
-                      "layout": self.metadata.get("input", {}).get("layout", "NHWC"), "dtype": "uint8"},
+                      "layout": self.bundle.input.get("layout", "NHWC"), "dtype": "uint8"},
             "loaded_at": self.loaded_at,
-            "backbone": self.metadata.get("backbone"),
-            "created_at": self.metadata.get("created_at"),
+            "backbone": self.bundle.backbone,
+            "created_at": self.bundle.created_at,
         }
 
 
@@ -89,33 +89,25 @@ class CheckOutcome:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
-def read_reference(metadata: dict, bundle_dir: Path, n_classes: int) -> Reference:
-    """The bundle's reference (exporters.reference_stats); a uniform prior when it has none."""
-    summary = metadata.get("reference") or {}
-    arrays: dict[str, np.ndarray] = {}
-    path = bundle_dir / summary.get("file", "reference.npz")
-    if path.is_file():
-        from exporters.reference_stats import load_reference
-
-        arrays = load_reference(path)
-    prior = summary.get("class_prior")
-    if prior is None and "class_prior" in arrays:
-        prior = arrays["class_prior"]
+def read_reference(bundle: Bundle) -> Reference:
+    """The bundle's reference (exporters.bundle); a uniform prior when it has none."""
+    ref = read_reference_stats(bundle)
+    n_classes = len(bundle.labels)
+    prior = ref.class_prior
     if prior is None or len(prior) != n_classes:
         prior = np.ones(n_classes)
-    prior = np.asarray(prior, dtype=np.float64)
-    probs = arrays.get("probs_sample")
+    probs = ref.probs_sample
     conf = float(probs.max(1).mean()) if probs is not None and len(probs) else None
-    return Reference(prior / prior.sum(), conf, arrays.get("pca_mean"), arrays.get("pca_components"))
+    return Reference(prior / prior.sum(), conf, ref.pca_mean, ref.pca_components)
 
 
 def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_threads: int | None = None) -> LoadedModel:
     """Open a fetched bundle's graph, check it answers as its metadata says, and warm it up."""
     variant = None if settings.variant == "auto" else settings.variant
-    classifier, metadata = load_bundle_model(bundle_dir, variant=variant, prefer_gpu=settings.prefer_gpu,
-                                             threads=ort_threads)
-    labels = list(metadata["labels"])
-    policy = ResizePolicy.from_bundle(metadata)
+    classifier, bundle = load_bundle_model(bundle_dir, variant=variant, prefer_gpu=settings.prefer_gpu,
+                                           threads=ort_threads)
+    labels = list(bundle.labels)
+    policy = bundle.policy
     if policy.crop_size != classifier.image_size:
         raise ValueError(f"bundle {version}: metadata crop size {policy.crop_size} != graph input {classifier.image_size}")
     # Warm-up: the first calls allocate arenas and pick kernels, at the batch sizes traffic will use.
@@ -123,11 +115,10 @@ def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_t
         probs, _ = classifier.run(np.zeros((batch, policy.crop_size, policy.crop_size, 3), np.uint8))
     if probs.shape[1] != len(labels):
         raise ValueError(f"bundle {version}: graph gives {probs.shape[1]} probabilities but metadata lists {len(labels)} labels")
-    reference = read_reference(metadata, bundle_dir, len(labels))
-    chosen = variant or next((k for k, v in metadata.get("variants", {}).items()
-                              if v.get("file") == classifier.path.name), "fp32")
-    return LoadedModel(version=version, classifier=classifier, metadata=metadata, labels=labels, policy=policy,
-                       variant=chosen, bundle_dir=bundle_dir, reference=reference)
+    reference = read_reference(bundle)
+    chosen = variant or next((k for k, v in bundle.variants.items() if v.file == classifier.path.name), "fp32")
+    return LoadedModel(version=version, classifier=classifier, bundle=bundle, labels=labels, policy=policy,
+                       variant=chosen, reference=reference)
 
 
 class ModelSession:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from exporters.bundle import LabeledImages, dataset_fingerprint, export_bundle
+from exporters.bundle_export import LabeledImages, dataset_fingerprint, export_bundle
 from exporters.errors import ExportError
 from exporters.onnx_export import check_parity, torch_predict
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
@@ -16,13 +16,13 @@ from exporters.reference_stats import (apply_temperature, expected_calibration_e
                                        load_reference, reference_statistics)
 from exporters.variants import build_and_judge, refusal_reason
 from tests.training_data import fast_config, make_digits
-from training.export_inputs import read_export_inputs
+from training.run_to_bundle import read_export_inputs
 from training.run_dir import read_json
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from training.fit import train
+    from training.train import train
 
     tmp = tmp_path_factory.mktemp("export")
     out = tmp / "run"
@@ -100,6 +100,8 @@ def test_fp16_and_int8_accuracy_deltas_are_measured_on_validation_and_stored(bun
         if not v["refused"]:
             probs, _ = OnnxClassifier(bundle_dir / v["file"], prefer_gpu=False).predict(run["val"].images)
             assert np.mean(probs.argmax(1) == run["val"].labels) == pytest.approx(v["accuracy"])
+        else:
+            assert v["file"] is None and not (bundle_dir / f"model_{name}.onnx").exists()
     assert metadata["variants"]["int8"]["size_bytes"] < fp32["size_bytes"] / 2.5
 
 
@@ -132,10 +134,22 @@ def test_variant_over_the_margin_is_left_out_with_its_reason(bundle, run, tmp_pa
     assert not (tmp_path / "model_int8.onnx").exists()
 
 
-def test_bundle_metadata_lists_refused_variants(bundle):
+def test_bundle_metadata_lists_refused_variants(bundle, run, tmp_path):
     md = bundle[1]
     assert md["refused_variants"] == [n for n, v in md["variants"].items() if v["refused"]]
     assert all(v["refusal_reason"] and v["file"] is None for v in md["variants"].values() if v["refused"])
+    # Which ones the margin refuses, from the drops measured: an empty list must be earned too.
+    margin = md["max_accuracy_drop_points"]
+    assert md["refused_variants"] == [n for n in ("fp16", "int8") if -md["variants"][n]["accuracy_delta_points"] > margin]
+
+    # A margin just below int8's measured drop: the same export must now refuse it, list it, and leave its file out.
+    r, int8_drop = run["run"], -md["variants"]["int8"]["accuracy_delta_points"]
+    out_dir, forced = export_bundle(r.model, r.classes, r.policy, run["description"], run["val"], run["train"],
+                                    tmp_path / "bundle", variants=("fp16", "int8"), max_accuracy_drop=int8_drop - 0.01)
+    expected = [n for n in ("fp16", "int8") if -forced["variants"][n]["accuracy_delta_points"] > int8_drop - 0.01]
+    assert "int8" in forced["refused_variants"] and forced["refused_variants"] == expected
+    assert forced["variants"]["int8"]["refusal_reason"] and forced["variants"]["int8"]["file"] is None
+    assert not (out_dir / "model_int8.onnx").exists()
 
 
 def test_metadata_has_every_field_the_service_and_drift_report_read(bundle, run):
@@ -219,8 +233,8 @@ def test_bundle_round_trips_through_a_local_registry_with_the_same_predictions(b
     registry = Registry.open(str(tmp_path / "registry"))
     version = registry.publish(bundle_dir, metadata)
     fetched = registry.fetch(version, tmp_path / "fetched")
-    model, fetched_md = load_bundle_model(fetched, variant="fp32", prefer_gpu=False)
-    assert fetched_md["labels"] == metadata["labels"] and fetched_md["reference"] == metadata["reference"]
+    model, fetched_bundle = load_bundle_model(fetched, variant="fp32", prefer_gpu=False)
+    assert list(fetched_bundle.labels) == metadata["labels"] and fetched_bundle.reference == metadata["reference"]
     before, _ = OnnxClassifier(bundle_dir / "model.onnx", prefer_gpu=False).predict(run["val"].images)
     after, _ = model.predict(run["val"].images)
     np.testing.assert_array_equal(before, after)

@@ -19,7 +19,7 @@ def _runner() -> CliRunner:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from training.fit import train
+    from training.train import train
 
     tmp = tmp_path_factory.mktemp("export_cli")
     train(make_digits(tmp / "digits", digits=(0, 1, 7), per_class=30), tmp / "run",
@@ -74,8 +74,8 @@ def test_export_prints_only_the_version_id_and_the_registry_serves_it(run_dir, t
     assert version and "\n" not in version and " " not in version
     registry = Registry.open(str(registry_dir))
     assert registry.resolve("production") == version
-    model, metadata = load_bundle_model(registry.fetch(version, tmp_path / "fetched"), prefer_gpu=False)
-    assert set(metadata["variants"]) == {"fp32", "int8"} and metadata["parent_version"] is None
+    model, bundle = load_bundle_model(registry.fetch(version, tmp_path / "fetched"), prefer_gpu=False)
+    assert set(bundle.variants) == {"fp32", "int8"} and bundle.parent_version is None
     assert model.path.name in {"model.onnx", "model_int8.onnx"}
 
 

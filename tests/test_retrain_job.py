@@ -2,7 +2,9 @@
 real ONNX predictions as the logged traffic. Slow-ish: each test trains for a few seconds."""
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import random
 import shutil
 from pathlib import Path
@@ -10,22 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 
-from exporters.onnx_runtime import load_bundle_model
-from exporters.prediction_log import PredictionRecord, SqlitePredictionLog, encode_embedding, new_record_id
 from exporters.preprocess import ResizePolicy, load_model_input
-from exporters.reference_stats import load_reference, project
 from exporters.registry import Registry
 from exporters.storage import open_store
+from service.metrics import ServiceMetrics
+from service.request_validation import FeedbackIn, Upload
+from service.runtime import ServingRuntime
+from service.settings import load_service_settings
 from tests.training_data import fast_config, make_digits
-from training.fit import train
-from training.publish import publish_run
 from training.retrain import audit
 from training.retrain.gate import Holdout, promotion_verdict, score_bundle
 from training.retrain.job import retrain_once
 from training.retrain.lock import LockHeld, StoreLock
 from training.retrain.settings import LoopSettings
+from training.run_to_bundle import publish_run
+from training.train import train
 
 pytestmark = pytest.mark.slow
 DIGITS = (0, 1, 7)
@@ -73,36 +77,28 @@ def png_bytes(path: Path, shift: bool) -> bytes:
 
 
 def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, feedback: bool) -> float:
-    """What the service does for each image: predict with the production graph, log it, store the bytes;
-    then the client's true label as feedback. Returns the accuracy served."""
-    bundle = registry.fetch(registry.resolve("production"), settings.work_dir / "client-bundles")
-    model, meta = load_bundle_model(bundle, variant="fp32", prefer_gpu=False)
-    ref = load_reference(bundle / "reference.npz")
-    policy = ResizePolicy.from_bundle(meta)
-    datas = [png_bytes(p, shift) for p, _ in items]
-    images = np.stack([load_model_input(d, policy) for d in datas])
-    probs, emb = model.predict(images)
-    proj = project(emb, ref["pca_mean"], ref["pca_components"])
-    log = SqlitePredictionLog(settings.data_dir)
-    records = []
-    import hashlib
+    """The service's own runtime serves the images (the production graph; records and bytes logged as
+    in production), then the client's true labels come back as feedback. Returns the accuracy served."""
+    service_settings = load_service_settings(environ={}, overrides={
+        "registry": settings.registry, "data_dir": settings.data_dir, "variant": "fp32", "prefer_gpu": False,
+        "poll_interval_s": 0, "store_sample_rate": 1.0, "bundle_cache_dir": settings.work_dir / "client-bundles"})
+    uploads = [Upload(f"{i}.png", png_bytes(path, shift)) for i, (path, _) in enumerate(items)]
 
-    for i, (d, (_, label)) in enumerate(zip(datas, items)):
-        sha = hashlib.sha256(d).hexdigest()
-        log.store_image(sha, d)
-        k = int(probs[i].argmax())
-        records.append(PredictionRecord(new_record_id(), 0.0, meta["version"], meta["labels"][k], float(probs[i, k]),
-                                        probs[i].tolist(), sha, True, "x.png", encode_embedding(proj[i]), "pca"))
-    for r in records:
-        r.created_at = float(int(r.prediction_id[:12], 16)) / 1000
-    log.add_predictions(records)
-    correct = 0
-    for r, (_, label) in zip(records, items):
-        correct += r.label == label
-        if feedback:
-            log.record_feedback(r.prediction_id, label)
-    log.close()
-    return correct / len(items)
+    async def serve() -> list[dict]:
+        runtime = ServingRuntime(service_settings, ServiceMetrics(CollectorRegistry()))
+        await runtime.start()
+        try:
+            answers = (await runtime.predict(uploads))["predictions"]
+            assert not [a for a in answers if a.get("logged") is False], "the prediction log refused the traffic"
+            if feedback:
+                for answer, (_, label) in zip(answers, items):
+                    await runtime.feedback(FeedbackIn(prediction_id=answer["prediction_id"], label=label))
+            return answers
+        finally:
+            await runtime.stop()
+
+    answers = asyncio.run(serve())
+    return sum(answer["label"] == label for answer, (_, label) in zip(answers, items)) / len(items)
 
 
 def test_clean_traffic_is_no_drift_and_no_retrain(champion, loop):
@@ -128,7 +124,9 @@ def test_shifted_traffic_is_detected_retrained_and_the_better_challenger_promote
     ev = out["evaluation"]
     assert ev["challenger"]["feedback"]["accuracy"] > max(before, ev["champion"]["feedback"]["accuracy"])
     # the challenger's bundle can warm-start the next retrain and replays the same original data
-    assert (settings.work_dir / "bundles" / out["challenger"] / "weights.safetensors").is_file()
+    challenger_dir, champion_dir = (settings.work_dir / "bundles" / v for v in (out["challenger"], champion["version"]))
+    assert (challenger_dir / "model.safetensors").is_file() and (challenger_dir / "model.json").is_file()
+    assert (challenger_dir / "original_splits.json").read_bytes() == (champion_dir / "original_splits.json").read_bytes()
 
 
 def test_a_crash_mid_retrain_leaves_production_untouched_and_frees_the_lock(champion, loop, monkeypatch):
@@ -178,3 +176,29 @@ def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(champion, loo
     promote, reasons = promotion_verdict(scores[0], scores[1], margin=0.01, tolerance=0.02)
     assert not promote, reasons
     assert scores[1]["holdout"]["accuracy"] < scores[0]["holdout"]["accuracy"]
+
+
+def republish_in_old_layout(registry: Registry, version: str, work: Path) -> str:
+    """`version` again as bundles were published before the torch weights took the run directory's
+    names: weights.safetensors and weights.json, named so in bundle.json's retrain entry."""
+    old = work / "old-layout"
+    shutil.copytree(registry.fetch(version, work / "fetched"), old)
+    (old / "model.safetensors").rename(old / "weights.safetensors")
+    (old / "model.json").rename(old / "weights.json")
+    metadata = {k: v for k, v in registry.show(version).items() if k not in ("version", "files", "created_at")}
+    metadata["retrain"] = {"weights": "weights.safetensors", "weights_info": "weights.json",
+                           "original_splits": "original_splits.json"}
+    return registry.publish(old, metadata)
+
+
+def test_a_champion_published_with_the_old_weight_names_still_warm_starts_a_retrain(champion, loop):
+    settings, registry = loop
+    old = republish_in_old_layout(registry, champion["version"], settings.work_dir / "old")
+    assert "weights.safetensors" in registry.show(old)["files"] and "model.safetensors" not in registry.show(old)["files"]
+    registry.promote(old)
+    log_traffic(settings, registry, champion["traffic"][:90], shift=True, feedback=True)
+    out = retrain_once(settings, console, force=True, show_progress=False)["outcome"]
+    assert out["status"] in ("promoted", "kept_champion"), out
+    assert json.loads((Path(out["run_dir"]) / "metrics.json").read_text())["warm_start_from"] == old
+    challenger = registry.show(out["challenger"])
+    assert challenger["parent_version"] == old and challenger["retrain"]["weights"] == "model.safetensors"

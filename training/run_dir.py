@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
+from exporters.bundle import WEIGHTS_FILE, WEIGHTS_INFO_FILE
 from exporters.preprocess import ResizePolicy
 from training.backbones import get_backbone_spec
 from training.errors import TrainingError
 from training.model import Classifier, build_classifier
 
-WEIGHTS = "model.safetensors"
-MODEL_INFO = "model.json"
+# A bundle carries the weights under the same names, so rebuild_classifier reads both folders.
+WEIGHTS = WEIGHTS_FILE
+MODEL_INFO = WEIGHTS_INFO_FILE
 CLASSES = "classes.json"
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
@@ -39,20 +40,25 @@ def save_model(run_dir: Path, model: Classifier, info: dict) -> None:
     (run_dir / CLASSES).write_text(json.dumps(info["classes"], indent=2))
 
 
+def rebuild_classifier(weights: Path, info_path: Path) -> tuple[Classifier, dict]:
+    """The trained classifier from its safetensors and the model.json describing it (no network)."""
+    info = json.loads(Path(info_path).read_text())
+    spec = get_backbone_spec(info["backbone"]["name"])
+    model, _ = build_classifier(spec, num_classes=len(info["classes"]), weights="none", dropout=info.get("dropout", 0.0))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as e:
+        raise TrainingError(f"{weights} does not match {Path(info_path).name}: {e}") from None
+    return model.eval(), info
+
+
 def load_run(run_dir: Path) -> LoadedRun:
     """Rebuild the trained classifier from a run directory alone (no network, no config file needed)."""
     run_dir = Path(run_dir)
     for name in (WEIGHTS, MODEL_INFO):
         if not (run_dir / name).is_file():
             raise TrainingError(f"{run_dir} is not a finished training run: {name} is missing (run `cnnloop train` first)")
-    info = json.loads((run_dir / MODEL_INFO).read_text())
-    spec = get_backbone_spec(info["backbone"]["name"])
-    model, _ = build_classifier(spec, num_classes=len(info["classes"]), weights="none", dropout=info.get("dropout", 0.0))
-    try:
-        model.load_state_dict(load_file(str(run_dir / WEIGHTS)))
-    except Exception as e:
-        raise TrainingError(f"{run_dir / WEIGHTS} does not match {MODEL_INFO}: {e}") from None
-    model.eval()
+    model, info = rebuild_classifier(run_dir / WEIGHTS, run_dir / MODEL_INFO)
     return LoadedRun(model, info["classes"], ResizePolicy(**info["policy"]), info, run_dir)
 
 
@@ -84,6 +90,3 @@ def read_json(path: Path) -> dict:
 def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, default=str))
 
-
-def weights_only_state(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(Path(run_dir) / WEIGHTS))

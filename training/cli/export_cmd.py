@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
 
         from exporters.registry import Registry
         from exporters.variants import parse_variants
-        from training.publish import publish_run
+        from training.run_to_bundle import publish_run
 
         with guarded():
             locations = store_locations(registry_uri, s3_endpoint_url)

@@ -12,13 +12,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from exporters.onnx_runtime import read_bundle_metadata
-from exporters.reference_stats import load_reference, project
+from exporters.bundle import read_bundle, read_reference_stats
+from exporters.reference_stats import project
 from training.drift import stats
 from training.errors import TrainingError
+
+if TYPE_CHECKING:
+    from exporters.prediction_log import LabelChanges
 
 INSUFFICIENT = "insufficient_data"
 
@@ -44,25 +48,26 @@ class LiveWindow:
     first_at: float | None
     last_at: float | None
     model_versions: list[str]
+    label_changes: LabelChanges | None = None  # the feedback events on these predictions; None: not read
 
 
 def load_reference_set(bundle_dir: Path) -> ReferenceSet:
-    meta = read_bundle_metadata(bundle_dir)
-    summary = meta.get("reference") or {}
-    path = Path(bundle_dir) / summary.get("file", "reference.npz")
-    if not path.is_file():
-        raise TrainingError(f"bundle {meta.get('version')} has no reference statistics ({path.name}); re-export it with `cnnloop export`")
-    arrays = load_reference(path)
+    bundle = read_bundle(bundle_dir)
+    ref = read_reference_stats(bundle)
+    if not ref.has_arrays:
+        raise TrainingError(f"bundle {bundle.version} has no reference statistics ({ref.path.name}); re-export it with `cnnloop export`")
     return ReferenceSet(
-        version=meta.get("version", "?"), labels=list(meta["labels"]), probs=arrays["probs_sample"].astype(np.float64),
-        labels_idx=arrays["labels_sample"], embeddings=arrays["embeddings_pca_sample"].astype(np.float64),
-        pca_mean=arrays["pca_mean"], pca_components=arrays["pca_components"],
-        val_accuracy=float(summary.get("val_accuracy", float("nan"))), temperature=float(summary.get("temperature", 1.0)),
+        version=bundle.version or "?", labels=list(bundle.labels), probs=ref.probs_sample.astype(np.float64),
+        labels_idx=ref.labels_sample, embeddings=ref.embeddings_pca_sample.astype(np.float64),
+        pca_mean=ref.pca_mean, pca_components=ref.pca_components,
+        val_accuracy=ref.val_accuracy, temperature=ref.temperature,
     )
 
 
-def window_from_records(records: list, reference: ReferenceSet) -> LiveWindow:
-    """Prediction records (exporters.prediction_log) -> arrays; embeddings stored raw are projected here."""
+def window_from_records(records: list, reference: ReferenceSet, label_changes: LabelChanges | None = None) -> LiveWindow:
+    """Prediction records (exporters.prediction_log) -> arrays; embeddings stored raw are projected here.
+
+    `label_changes` is the log's `label_changes` of the same records, carried into the report as an audit."""
     from exporters.prediction_log import decode_embedding
 
     k = len(reference.labels)
@@ -87,6 +92,7 @@ def window_from_records(records: list, reference: ReferenceSet) -> LiveWindow:
         feedback=np.asarray(feedback, dtype=np.int64),
         first_at=min((r.created_at for r in records), default=None), last_at=max((r.created_at for r in records), default=None),
         model_versions=sorted({r.model_version for r in records}),
+        label_changes=label_changes,
     )
 
 
@@ -124,6 +130,8 @@ def build_report(reference: ReferenceSet, window: LiveWindow, *, alpha: float = 
                       "temperature": reference.temperature},
         "alpha": alpha, "min_samples": min_samples,
         "feedback": feedback_section(reference, window, min_feedback, accuracy_margin),
+        # An audit beside the verdict: labels changed often mean unsure labellers, and so noisy retraining data.
+        "label_changes": window.label_changes.as_dict() if window.label_changes is not None else None,
     }
     if n < min_samples:
         report.update(status=INSUFFICIENT, drift_detected=None, combined_p_value=None, severity=None, tests={},

@@ -35,12 +35,12 @@ def holdout_from(original_test, feedback, policy: ResizePolicy) -> Holdout:
 
 def score_bundle(bundle_dir: Path, holdout: Holdout) -> dict:
     """Accuracy of a bundle's fp32 graph on the holdout, overall and per source."""
-    model, meta = load_bundle_model(bundle_dir, variant="fp32", prefer_gpu=False)
-    if ResizePolicy.from_bundle(meta) != holdout.policy:
-        raise ValueError(f"bundle {meta.get('version')} preprocesses as {ResizePolicy.from_bundle(meta)}, the holdout as {holdout.policy}")
+    model, bundle = load_bundle_model(bundle_dir, variant="fp32", prefer_gpu=False)
+    if bundle.policy != holdout.policy:
+        raise ValueError(f"bundle {bundle.version} preprocesses as {bundle.policy}, the holdout as {holdout.policy}")
     pred = model.predict(holdout.images)[0].argmax(1) if len(holdout.images) else np.zeros(0, np.int64)
     correct = pred == holdout.labels
-    out = {"version": meta.get("version"), "holdout": {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None}}
+    out = {"version": bundle.version, "holdout": {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None}}
     for name in ("original_test", "feedback"):
         mask = holdout.source == name
         out[name] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()) if mask.any() else None}

@@ -11,17 +11,15 @@ import time
 from pathlib import Path
 from rich.console import Console
 
+from exporters.bundle import read_bundle
 from exporters.errors import AliasMoved
-from exporters.onnx_runtime import read_bundle_metadata
 from exporters.prediction_log import open_prediction_log
-from exporters.preprocess import ResizePolicy
 from exporters.registry import Registry
 from exporters.storage import open_store
 from exporters.variants import parse_variants
 from training.devices import resolve_device
 from training.drift.report import build_report, load_reference_set, window_from_records
 from training.errors import TrainingError
-from training.publish import ORIGINAL_SPLITS, publish_run
 from training.retrain import audit
 from training.retrain.challenger import train_challenger, warm_start_config
 from training.retrain.dataset import build_retrain_data, latest_labels, read_original_splits
@@ -29,6 +27,7 @@ from training.retrain.gate import holdout_from, promotion_verdict, score_bundle
 from training.retrain.lock import StoreLock
 from training.retrain.policy import PolicyThresholds, decide, state_from_history
 from training.retrain.settings import LoopSettings
+from training.run_to_bundle import publish_run
 
 
 def open_log(settings: LoopSettings):
@@ -49,7 +48,7 @@ def drift_check(settings: LoopSettings, registry: Registry, log, since: float | 
     bundle_dir = registry.fetch(champion, Path(settings.work_dir) / "bundles")
     reference = load_reference_set(bundle_dir)
     records = log.predictions(since=since, last=last or (None if since else settings.window), model_version=champion)
-    window = window_from_records(records, reference)
+    window = window_from_records(records, reference, log.label_changes(r.prediction_id for r in records))
     report = build_report(reference, window, alpha=settings.alpha, min_samples=settings.min_samples,
                           min_feedback=settings.min_feedback, accuracy_margin=settings.accuracy_margin,
                           permutations=settings.permutations)
@@ -110,24 +109,24 @@ def _finish(store, record: dict, t0: float) -> dict:
 
 def _retrain(settings, console, show_progress, registry, log, labels, reference, champion_dir: Path) -> dict:
     champion = reference.version
-    meta = read_bundle_metadata(champion_dir)
+    bundle = read_bundle(champion_dir)
     work = Path(settings.work_dir)
-    original = read_original_splits(champion_dir / ORIGINAL_SPLITS, reference.labels, settings.original_data)
-    cfg = warm_start_config(meta, settings.epochs, settings.lr_scale, settings.patience, settings.device)
-    size = int(meta["preprocess"]["resize_size"])
+    original = read_original_splits(bundle.retrain.original_splits, reference.labels, settings.original_data)
+    cfg = warm_start_config(bundle, settings.epochs, settings.lr_scale, settings.patience, settings.device)
+    size = bundle.policy.resize_size
     console.print(f"retraining {champion}: original data + labeled feedback, warm start, at most {cfg.epochs} epochs")
     data = build_retrain_data(original, log, labels, reference.labels, size, work / "feedback-images",
                               settings.feedback_holdout, settings.feedback_val, settings.feedback_weight)
     console.print(f"  data: {data.counts}", highlight=False)
     run_dir = work / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{champion}"
-    metrics = train_challenger(champion_dir, data, cfg, run_dir, console, show_progress)
+    metrics = train_challenger(bundle, data, cfg, run_dir, console, show_progress)
     challenger, _ = publish_run(run_dir, registry, parse_variants(settings.variants), 1.0, champion,
-                                original_splits=champion_dir / ORIGINAL_SPLITS,
+                                original_splits=bundle.retrain.original_splits,
                                 log=lambda m: console.print(f"  {m}", highlight=False, soft_wrap=True))
     registry.promote(challenger, "candidate")
     challenger_dir = registry.fetch(challenger, work / "bundles")
     # The challenger keeps the champion's preprocessing (warm start), so the holdout is decoded once for both.
-    holdout = holdout_from(data.splits.test, data.holdout_feedback, ResizePolicy.from_bundle(meta))
+    holdout = holdout_from(data.splits.test, data.holdout_feedback, bundle.policy)
     scores = {"champion": score_bundle(champion_dir, holdout), "challenger": score_bundle(challenger_dir, holdout)}
     promote, reasons = promotion_verdict(scores["champion"], scores["challenger"], settings.promote_margin, settings.test_tolerance)
     for reason in reasons:

@@ -1,20 +1,33 @@
-"""What `cnnloop export` needs from a run directory: the model, labeled val images, a train sample."""
+"""A finished run directory -> a verified bundle -> a new registry version (what `cnnloop export` and
+the retrain job both do).
+
+Besides the ONNX graphs the bundle carries what the next retrain needs, so a CronJob pod with
+nothing but the registry can warm-start: the torch weights and their description, and the
+*original* training splits (the data every retrain replays; feedback is added fresh each time).
+"""
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import yaml
 
-from exporters.bundle import TRAIN_SAMPLE, LabeledImages, RunDescription, dataset_fingerprint, spread_sample
+from exporters.bundle import ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, retrain_metadata
+from exporters.bundle_export import TRAIN_SAMPLE, LabeledImages, RunDescription, dataset_fingerprint, export_bundle, spread_sample
 from exporters.errors import ExportError
 from exporters.preprocess import ImageDecodeError, ResizePolicy, load_model_input
-from training.run_dir import CONFIG, METRICS, LoadedRun, load_run, read_json, read_split
+from exporters.registry import Registry
+from training.run_dir import CONFIG, METRICS, MODEL_INFO, SPLITS, WEIGHTS, LoadedRun, load_run, read_json, read_split
 
 
 @dataclass
 class ExportInputs:
+    """What export_bundle needs from a run directory: the model, labeled val images, a train sample."""
+
     run: LoadedRun
     val: LabeledImages
     train_images: np.ndarray
@@ -55,3 +68,22 @@ def read_export_inputs(run_dir: Path) -> ExportInputs:
         source_run=str(run_dir.resolve()),
     )
     return ExportInputs(run, val, train.images, description)
+
+
+def publish_run(run_dir: Path, registry: Registry, variants: Sequence[str], max_accuracy_drop: float,
+                parent_version: str | None, original_splits: Path | None = None,
+                log: Callable[[str], None] = lambda _: None) -> tuple[str, dict]:
+    """Export `run_dir` and publish it; `original_splits` defaults to the run's own splits.json."""
+    run_dir = Path(run_dir)
+    inputs = read_export_inputs(run_dir)
+    run = inputs.run
+    with tempfile.TemporaryDirectory(prefix="cnnloop-bundle-") as tmp:
+        bundle_dir, metadata = export_bundle(run.model, run.classes, run.policy, inputs.description, inputs.val,
+                                             inputs.train_images, Path(tmp) / "bundle", variants, max_accuracy_drop,
+                                             parent_version, log=log)
+        shutil.copyfile(run_dir / WEIGHTS, bundle_dir / WEIGHTS_FILE)
+        shutil.copyfile(run_dir / MODEL_INFO, bundle_dir / WEIGHTS_INFO_FILE)
+        shutil.copyfile(original_splits or run_dir / SPLITS, bundle_dir / ORIGINAL_SPLITS_FILE)
+        metadata["retrain"] = retrain_metadata()
+        version = registry.publish(bundle_dir, metadata)
+    return version, metadata
