@@ -1,4 +1,9 @@
-"""Where predictions, feedback and labeled inputs are kept, so that feedback becomes training data.
+"""Where predictions and labels are kept, so that labeled examples become training data.
+
+Two ways a label reaches the loop, named the same everywhere (code, metrics, JSON, this log):
+- *feedback*: a label given on a prediction, by its prediction_id (POST /feedback);
+- *labeled upload*: a new image sent with its label (POST /feedback/image).
+Together they are the *labeled examples* a retrain learns from.
 
 Shared by the service (the writer) and the drift report and retrain job (readers); it lives in
 exporters/ because both rooms use it and it needs only the storage layer and numpy.
@@ -10,13 +15,16 @@ Two backends behind one small interface:
   produce (a time-ordered random id), so N replicas write at once without a lock and without losing
   or overwriting anything. Feedback is one object per event; the newest event wins on read.
 
+Every feedback event is kept (SQLite table feedback_events, S3 feedback/<id>/...), not only the
+latest label, so the drift report can audit how often labels were changed (`label_changes`).
+
 Images are content-addressed: `images/<sha256[:2]>/<sha256>`, so the same photo is stored once
 however often it is predicted. Layout (both backends, S3 keys relative to the data dir):
     images/ab/ab12...               raw bytes as uploaded
     predictions/2024-05-01/<id>.json   (S3) one record per predicted image
     feedback/<id>/<ns>-<rand>.json     (S3) one event per feedback change
-    labeled/2024-05-01/<id>.json       (S3) one record per directly submitted labeled image
-    predictions.sqlite3                (local) tables predictions, feedback_events, labeled_inputs
+    labeled/2024-05-01/<id>.json       (S3) one record per labeled upload
+    predictions.sqlite3                (local) tables predictions, feedback_events, labeled_uploads
 """
 from __future__ import annotations
 
@@ -26,16 +34,21 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
 from exporters.storage import Store, open_store
 
 SQLITE_FILE = "predictions.sqlite3"
+
+# Where a labeled example came from: LabeledExample.source and the cnnloop_feedback metric's `source`.
+FEEDBACK = "feedback"
+LABELED_UPLOAD = "labeled_upload"
 
 
 def new_record_id(now: float | None = None) -> str:
@@ -112,9 +125,20 @@ class LabeledExample:
 
     image_sha256: str
     label: str
-    source: str  # "feedback" | "direct"
-    record_id: str
-    labeled_at: float  # when the label arrived (the latest feedback event, or the direct submission)
+    source: str  # FEEDBACK | LABELED_UPLOAD
+    record_id: str  # the prediction_id (feedback) or the upload_id (labeled upload)
+    labeled_at: float  # when the label arrived (the latest feedback event, or the upload)
+
+
+@dataclass(frozen=True)
+class LabelChanges:
+    """The feedback events on a set of predictions: an audit of how labels were given and changed."""
+
+    count: int  # feedback events: first labels and changes alike
+    relabelled_predictions: int  # predictions whose feedback label was changed after it was first given
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def store_image_once(store: Store, sha256: str, data: bytes) -> None:
@@ -128,8 +152,9 @@ class PredictionLog(Protocol):
     def add_predictions(self, records: list[PredictionRecord]) -> None: ...
     def get_prediction(self, prediction_id: str) -> PredictionRecord | None: ...
     def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None: ...
-    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str: ...
+    def add_labeled_upload(self, sha256: str, label: str, filename: str) -> str: ...
     def feedback_summary(self) -> tuple[int, int]: ...
+    def label_changes(self, prediction_ids: Iterable[str]) -> LabelChanges: ...
     def labeled_examples(self) -> Iterator[LabeledExample]: ...
     def predictions(self, since: float | None = None, last: int | None = None,
                     model_version: str | None = None) -> list[PredictionRecord]: ...
@@ -147,11 +172,34 @@ CREATE INDEX IF NOT EXISTS predictions_created ON predictions(created_at);
 CREATE TABLE IF NOT EXISTS feedback_events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, prediction_id TEXT NOT NULL, label TEXT NOT NULL,
     previous_label TEXT, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS labeled_inputs (
-    input_id TEXT PRIMARY KEY, created_at REAL NOT NULL, image_sha256 TEXT NOT NULL,
+CREATE INDEX IF NOT EXISTS feedback_events_prediction ON feedback_events(prediction_id);
+CREATE TABLE IF NOT EXISTS labeled_uploads (
+    upload_id TEXT PRIMARY KEY, created_at REAL NOT NULL, image_sha256 TEXT NOT NULL,
     label TEXT NOT NULL, filename TEXT NOT NULL);
 """
 _COLUMNS = list(PredictionRecord.__dataclass_fields__)
+# SQLite's default bound on `?` parameters is 999 before 3.32: query id sets in chunks below it.
+_IDS_PER_QUERY = 500
+
+
+def _has_old_layout(db: sqlite3.Connection) -> bool:
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return "labeled_inputs" in tables and "labeled_uploads" not in tables
+
+
+def _migrate_old_layout(db: sqlite3.Connection) -> None:
+    """Logs written before labeled uploads had that name kept them in labeled_inputs(input_id, ...)."""
+    if not _has_old_layout(db):
+        return
+    db.execute("BEGIN IMMEDIATE")  # two processes opening one old log at once: one renames, the other sees it done
+    try:
+        if _has_old_layout(db):
+            db.execute("ALTER TABLE labeled_inputs RENAME TO labeled_uploads")
+            db.execute("ALTER TABLE labeled_uploads RENAME COLUMN input_id TO upload_id")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def _record_from_row(row: tuple) -> PredictionRecord:
@@ -176,6 +224,7 @@ class SqlitePredictionLog:
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a power cut may drop the last transactions, never corrupts the file.
             self._db.execute("PRAGMA synchronous=NORMAL")
+            _migrate_old_layout(self._db)
             self._db.executescript(_SCHEMA)
 
     def store_image(self, sha256: str, data: bytes) -> None:
@@ -224,12 +273,12 @@ class SqlitePredictionLog:
                 raise
         return FeedbackOutcome(prediction_id, label, predicted, previous, changed)
 
-    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str:
-        input_id = new_record_id()
+    def add_labeled_upload(self, sha256: str, label: str, filename: str) -> str:
+        upload_id = new_record_id()
         with self._lock:
-            self._db.execute("INSERT INTO labeled_inputs (input_id, created_at, image_sha256, label, filename) VALUES (?,?,?,?,?)",
-                             (input_id, time.time(), sha256, label, filename))
-        return input_id
+            self._db.execute("INSERT INTO labeled_uploads (upload_id, created_at, image_sha256, label, filename) VALUES (?,?,?,?,?)",
+                             (upload_id, time.time(), sha256, label, filename))
+        return upload_id
 
     def feedback_summary(self) -> tuple[int, int]:
         """(predictions with a feedback label, of which the model predicted that label)."""
@@ -239,15 +288,27 @@ class SqlitePredictionLog:
             ).fetchone()
         return int(n), int(agreed)
 
+    def label_changes(self, prediction_ids: Iterable[str]) -> LabelChanges:
+        ids = list(prediction_ids)
+        count = relabelled = 0
+        with self._lock:
+            for start in range(0, len(ids), _IDS_PER_QUERY):
+                chunk = ids[start : start + _IDS_PER_QUERY]
+                n, r = self._db.execute(
+                    "SELECT COUNT(*), COUNT(DISTINCT CASE WHEN previous_label IS NOT NULL THEN prediction_id END) "
+                    f"FROM feedback_events WHERE prediction_id IN ({','.join('?' * len(chunk))})", chunk).fetchone()
+                count, relabelled = count + n, relabelled + r
+        return LabelChanges(count, relabelled)
+
     def labeled_examples(self) -> Iterator[LabeledExample]:
         with self._lock:
-            fb = self._db.execute("SELECT image_sha256, feedback_label, prediction_id, feedback_at FROM predictions "
-                                  "WHERE feedback_label IS NOT NULL AND image_stored = 1").fetchall()
-            direct = self._db.execute("SELECT image_sha256, label, input_id, created_at FROM labeled_inputs").fetchall()
-        for sha, label, rid, at in fb:
-            yield LabeledExample(sha, label, "feedback", rid, at)
-        for sha, label, rid, at in direct:
-            yield LabeledExample(sha, label, "direct", rid, at)
+            feedback = self._db.execute("SELECT image_sha256, feedback_label, prediction_id, feedback_at FROM predictions "
+                                        "WHERE feedback_label IS NOT NULL AND image_stored = 1").fetchall()
+            uploads = self._db.execute("SELECT image_sha256, label, upload_id, created_at FROM labeled_uploads").fetchall()
+        for sha, label, rid, at in feedback:
+            yield LabeledExample(sha, label, FEEDBACK, rid, at)
+        for sha, label, rid, at in uploads:
+            yield LabeledExample(sha, label, LABELED_UPLOAD, rid, at)
 
     def predictions(self, since: float | None = None, last: int | None = None,
                     model_version: str | None = None) -> list[PredictionRecord]:
@@ -326,15 +387,22 @@ class S3PredictionLog:
             self._put_new(key, {"prediction_id": prediction_id, "label": label, "previous_label": previous, "at": now})
         return FeedbackOutcome(prediction_id, label, record.label, previous, changed)
 
-    def add_labeled_input(self, sha256: str, label: str, filename: str) -> str:
-        input_id = new_record_id()
-        body = {"input_id": input_id, "created_at": time.time(), "image_sha256": sha256, "label": label, "filename": filename}
-        self._put_new(f"labeled/{record_date(input_id)}/{input_id}.json", body)
-        return input_id
+    def add_labeled_upload(self, sha256: str, label: str, filename: str) -> str:
+        upload_id = new_record_id()
+        body = {"upload_id": upload_id, "created_at": time.time(), "image_sha256": sha256, "label": label, "filename": filename}
+        self._put_new(f"labeled/{record_date(upload_id)}/{upload_id}.json", body)
+        return upload_id
 
     def feedback_summary(self) -> tuple[int, int]:
         # Counting would read every feedback object; on S3 the gauge starts from this process's feedback.
         return 0, 0
+
+    def label_changes(self, prediction_ids: Iterable[str]) -> LabelChanges:
+        wanted = set(prediction_ids)
+        events = Counter(pid for pid in (key.split("/")[1] for key in self.store.list("feedback")) if pid in wanted)
+        # The listing is enough, no object read: an event is written only when the label changes, so a
+        # prediction's second event is a relabel (two replicas racing on a first label count as a relabel too).
+        return LabelChanges(sum(events.values()), sum(1 for n in events.values() if n > 1))
 
     def labeled_examples(self) -> Iterator[LabeledExample]:
         seen: set[str] = set()
@@ -345,10 +413,12 @@ class S3PredictionLog:
             seen.add(pid)
             record = self.get_prediction(pid)
             if record and record.image_stored and record.feedback_label:
-                yield LabeledExample(record.image_sha256, record.feedback_label, "feedback", pid, record.feedback_at or 0.0)
+                yield LabeledExample(record.image_sha256, record.feedback_label, FEEDBACK, pid, record.feedback_at or 0.0)
         for key in self.store.list("labeled"):
             d = json.loads(self.store.get_bytes(key))
-            yield LabeledExample(d["image_sha256"], d["label"], "direct", d["input_id"], d["created_at"])
+            # Objects written before labeled uploads had that name call the id input_id.
+            upload_id = d["upload_id"] if "upload_id" in d else d["input_id"]
+            yield LabeledExample(d["image_sha256"], d["label"], LABELED_UPLOAD, upload_id, d["created_at"])
 
     def predictions(self, since: float | None = None, last: int | None = None,
                     model_version: str | None = None) -> list[PredictionRecord]:

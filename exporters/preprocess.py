@@ -21,6 +21,14 @@ class ImageDecodeError(ValueError):
     """The bytes are not a decodable image (empty, truncated, not an image, too many pixels)."""
 
 
+class TooManyPixels(ImageDecodeError):
+    """The header declares more pixels than the limit the caller gave; nothing was decoded."""
+
+    def __init__(self, width: int, height: int, limit: int):
+        super().__init__(f"image is {width}x{height} = {width * height} pixels, over the {limit} limit")
+        self.width, self.height, self.limit = width, height, limit
+
+
 @dataclass(frozen=True)
 class ResizePolicy:
     crop_size: int = 224
@@ -65,7 +73,7 @@ def _open(data: bytes | Path | str, max_pixels: int = MAX_PIXELS) -> Image.Image
         img = Image.open(io.BytesIO(data))
         w, h = img.size
         if w * h > max_pixels:
-            raise ImageDecodeError(f"image is {w}x{h} = {w * h} pixels, over the {max_pixels} limit")
+            raise TooManyPixels(w, h, max_pixels)
         return img
     except ImageDecodeError:
         raise
@@ -97,11 +105,19 @@ def decode_resized_square(data: bytes | Path | str, size: int, max_pixels: int =
     return np.ascontiguousarray(arr)
 
 
+def center_crop_window(height: int, width: int, crop_size: int) -> tuple[slice, slice]:
+    """(rows, columns) of the centred crop_size square: the one crop geometry training and serving share.
+
+    Floor division, not torchvision's round(): round() is half-to-even, so whenever
+    resize_size - crop_size is 3 mod 4 (crop 160 -> resize 183) it lands one pixel away from this."""
+    top, left = (height - crop_size) // 2, (width - crop_size) // 2
+    return slice(top, top + crop_size), slice(left, left + crop_size)
+
+
 def center_crop(square: np.ndarray, crop_size: int) -> np.ndarray:
-    """Centre crop of an HWC (or NHWC) uint8 square; matches what training evaluates on."""
-    h, w = square.shape[-3], square.shape[-2]
-    top, left = (h - crop_size) // 2, (w - crop_size) // 2
-    return square[..., top : top + crop_size, left : left + crop_size, :]
+    """Centre crop of an HWC (or NHWC) uint8 square; training's tensor crop uses the same window."""
+    rows, cols = center_crop_window(square.shape[-3], square.shape[-2], crop_size)
+    return square[..., rows, cols, :]
 
 
 def load_model_input(data: bytes | Path | str, policy: ResizePolicy, max_pixels: int = MAX_PIXELS) -> np.ndarray:

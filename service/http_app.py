@@ -74,10 +74,10 @@ async def feedback(request: Request, rt: ServingRuntime) -> Response:
 
 
 @endpoint
-async def labeled_image(request: Request, rt: ServingRuntime) -> Response:
+async def labeled_upload(request: Request, rt: ServingRuntime) -> Response:
     require_bearer(request.headers.get("authorization"), rt.settings.api_token, "/feedback/image")
     upload, label = await read_labeled_upload(request)
-    return JSONResponse(await rt.add_labeled_image(upload, label), status_code=201)
+    return JSONResponse(await rt.add_labeled_upload(upload, label), status_code=201)
 
 
 @endpoint
@@ -129,7 +129,7 @@ def build_http_app() -> Starlette:
         routes=[
             Route("/predict", predict, methods=["POST"]),
             Route("/feedback", feedback, methods=["POST"]),
-            Route("/feedback/image", labeled_image, methods=["POST"]),
+            Route("/feedback/image", labeled_upload, methods=["POST"]),
             Route("/info", info, methods=["GET"]),
             Route("/admin/reload", admin_reload, methods=["POST"]),
         ],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from exporters.prediction_log import FEEDBACK, LABELED_UPLOAD
 from service.live_drift import DriftScores
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,7 +38,8 @@ class ServiceMetrics:
         self.rejected = Counter("cnnloop_rejected_requests", "Requests answered 4xx, by error code",
                                 ["code"], registry=r)
         self.stored_inputs = Counter("cnnloop_stored_inputs", "Predicted images whose bytes were stored", registry=r)
-        self.feedback = Counter("cnnloop_feedback", "Feedback labels received (source: prediction, direct)",
+        self.feedback = Counter("cnnloop_feedback", f"Labels received, by source: {FEEDBACK} (on a prediction, "
+                                f"POST /feedback) or {LABELED_UPLOAD} (a new image, POST /feedback/image)",
                                 ["source"], registry=r)
         self.feedback_accuracy = Gauge("cnnloop_feedback_accuracy",
                                        "Fraction of feedback-labeled predictions whose predicted label was right",
@@ -67,11 +69,15 @@ class ServiceMetrics:
         self.drift_confidence_shift.set(scores.confidence_shift)
         self.drift_window.set(scores.window)
 
-    def record_feedback(self, source: str, labeled: int, agreed: int) -> None:
-        self.feedback.labels(source=source).inc()
+    def record_feedback(self, labeled: int, agreed: int) -> None:
+        """One feedback label; `labeled` predictions have one now, `agreed` of them the predicted label."""
+        self.feedback.labels(source=FEEDBACK).inc()
         self.feedback_labeled.set(labeled)
         if labeled:
             self.feedback_accuracy.set(agreed / labeled)
+
+    def record_labeled_upload(self) -> None:
+        self.feedback.labels(source=LABELED_UPLOAD).inc()
 
     def serving(self, version: str, variant: str, providers: list[str], previous: tuple[str, str, str] | None) -> None:
         if previous is not None:

@@ -1,20 +1,19 @@
 """Turn raw HTTP input into validated values, or a ServiceError that says what is wrong (4xx).
 
-Nothing here decodes pixels: `exporters.preprocess.load_model_input` is the one decoder and it
-raises ImageDecodeError for empty, truncated, non-image and bomb files, which the runtime maps to 422.
+Nothing here decodes pixels: `exporters.preprocess.load_model_input` is the one decoder, and the one
+reader of image headers. It raises ImageDecodeError for empty, truncated, non-image, bomb and
+over-the-limit files, which `service.predictions.model_input` maps to 422.
 """
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from service.errors import BadRequest, PayloadTooLarge, Unprocessable, UnsupportedMediaType
+from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 IMAGES_FIELD = "images"
 
@@ -84,7 +83,7 @@ async def read_image_uploads(request: Request, max_files: int) -> list[Upload]:
 
 
 async def read_labeled_upload(request: Request) -> tuple[Upload, str]:
-    """`image` (one file) and `label` (text) of a direct labeled-image submission."""
+    """`image` (one file) and `label` (text) of a labeled upload (POST /feedback/image)."""
     form = await _read_form(request, max_files=1)
     try:
         image, label = form.get("image"), form.get("label")
@@ -114,15 +113,3 @@ def parse_feedback(body: bytes, content_type: str | None) -> FeedbackIn:
     except ValidationError as e:
         problems = "; ".join(f"'{'.'.join(map(str, err['loc'])) or 'body'}': {err['msg']}" for err in e.errors())
         raise BadRequest(f"invalid feedback: {problems}", code="invalid_feedback") from None
-
-
-def check_pixel_limit(upload: Upload, max_pixels: int) -> None:
-    """Refuse images over a configured limit below the decoder's own, from the header alone."""
-    try:
-        with Image.open(io.BytesIO(upload.data)) as img:
-            w, h = img.size
-    except Exception:
-        return  # not an image at all: the decoder will say so
-    if w * h > max_pixels:
-        raise Unprocessable(f"'{upload.filename}' is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
-                            "(CNNLOOP_MAX_PIXELS); downscale it first", code="too_many_pixels")

@@ -1,4 +1,4 @@
-"""What the service does, without HTTP: predict, feedback, labeled inputs, info, reload, polling.
+"""What the service does, without HTTP: predict, feedback, labeled uploads, info, reload, polling.
 
 The BentoML class and the Starlette routes only validate, call one method here and shape the
 answer; tests can drive a `ServingRuntime` directly in an event loop.
@@ -16,16 +16,17 @@ from typing import Callable
 import numpy as np
 
 from exporters.onnx_runtime import choose_providers
-from exporters.preprocess import MAX_PIXELS, ImageDecodeError, ResizePolicy, load_model_input
-from exporters.prediction_log import PredictionLog, PredictionRecord, encode_embedding, new_record_id
-from exporters.prediction_log import open_prediction_log as open_log_at
+from exporters.prediction_log import PredictionLog, PredictionRecord, new_record_id, open_prediction_log
+from exporters.preprocess import ResizePolicy
 from exporters.registry import Registry
 from service.batcher import AdaptiveBatcher
 from service.errors import NotFound, NotReady, Unprocessable
 from service.live_drift import LiveDrift
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
-from service.request_validation import FeedbackIn, Upload, check_pixel_limit
+from service.predictions import (build_prediction_record, embeddings_to_log, model_input, predict_answer,
+                                 prediction_answer, top_k)
+from service.request_validation import FeedbackIn, Upload
 from service.settings import ServiceSettings
 
 log = logging.getLogger("cnnloop.service")
@@ -35,13 +36,13 @@ def open_registry(settings: ServiceSettings) -> Registry:
     return Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
 
 
-def open_prediction_log(settings: ServiceSettings) -> PredictionLog:
-    return open_log_at(settings.data_dir, settings.s3_endpoint_url)
+def open_service_log(settings: ServiceSettings) -> PredictionLog:
+    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
 
 
 class ServingRuntime:
     def __init__(self, settings: ServiceSettings, metrics: ServiceMetrics | None = None,
-                 prediction_log: Callable[[ServiceSettings], PredictionLog] = open_prediction_log,
+                 prediction_log: Callable[[ServiceSettings], PredictionLog] = open_service_log,
                  registry: Callable[[ServiceSettings], Registry] = open_registry):
         self.settings = settings
         self.metrics = metrics or ServiceMetrics()
@@ -117,13 +118,7 @@ class ServingRuntime:
 
     def _decode(self, index: int, upload: Upload, policy: ResizePolicy) -> tuple[np.ndarray, str]:
         start = time.perf_counter()
-        if self.settings.max_pixels < MAX_PIXELS:
-            check_pixel_limit(upload, self.settings.max_pixels)
-        try:
-            array = load_model_input(upload.data, policy)
-        except ImageDecodeError as e:
-            raise Unprocessable(f"file {index} ('{upload.filename}'): {e}", code="bad_image",
-                                index=index, filename=upload.filename) from None
+        array = model_input(index, upload, policy, self.settings.max_pixels)
         sha = hashlib.sha256(upload.data).hexdigest()
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return array, sha
@@ -135,37 +130,23 @@ class ServingRuntime:
                                          for i, u in enumerate(uploads)))
         probs, embs = await self.batcher.run(model, np.stack([a for a, _ in decoded]))
         now = time.time()
-        k = min(self.settings.top_k, len(model.labels))
-        order = np.argsort(-probs, axis=1)[:, :k]
-        projected = model.reference.project(embs) if self.settings.store_embeddings else None
-        space = None if not self.settings.store_embeddings else ("pca" if projected is not None else "raw")
-        kept = projected if projected is not None else embs
-        records, answers, to_store = [], [], []
-        for i, upload in enumerate(uploads):
-            top = order[i]
-            sha = decoded[i][1]
-            stored = random.random() < self.settings.store_sample_rate
-            if stored:
-                to_store.append((sha, upload.data))
-            record = PredictionRecord(
-                prediction_id=new_record_id(now), created_at=now, model_version=model.version,
-                label=model.labels[top[0]], confidence=float(probs[i, top[0]]),
-                probabilities=[round(float(p), 6) for p in probs[i]], image_sha256=sha, image_stored=stored,
-                filename=upload.filename, embedding=encode_embedding(kept[i]) if space else None, embedding_space=space)
-            records.append(record)
-            answers.append({
-                "prediction_id": record.prediction_id, "filename": upload.filename, "label": record.label,
-                "confidence": record.confidence, "model_version": model.version,
-                "top_k": [{"label": model.labels[j], "probability": float(probs[i, j])} for j in top],
-            })
+        top = top_k(probs, min(self.settings.top_k, len(model.labels)))
+        kept, space = embeddings_to_log(embs, model.reference.project, self.settings.store_embeddings)
+        records = [
+            build_prediction_record(
+                prediction_id=new_record_id(now), created_at=now, model_version=model.version, labels=model.labels,
+                probabilities=probs[i], top=top[i], image_sha256=sha, filename=upload.filename,
+                image_stored=random.random() < self.settings.store_sample_rate,
+                embedding=None if kept is None else kept[i], embedding_space=space)
+            for i, (upload, (_, sha)) in enumerate(zip(uploads, decoded))
+        ]
+        to_store = [(r.image_sha256, u.data) for r, u in zip(records, uploads) if r.image_stored]
         logged = await loop.run_in_executor(self._io_pool, self._write_log, records, to_store)
         self.metrics.record_predictions([r.label for r in records], [r.confidence for r in records], model.version)
         if self._drift is not None and self.models.current is model:
-            self.metrics.record_drift(self._drift.observe(order[:, 0], probs[np.arange(len(order)), order[:, 0]]))
-        if not logged:
-            for a in answers:
-                a["logged"] = False
-        return {"model_version": model.version, "predictions": answers}
+            self.metrics.record_drift(self._drift.observe(top[:, 0], probs[np.arange(len(top)), top[:, 0]]))
+        answers = [prediction_answer(r, model.labels, probs[i], top[i]) for i, r in enumerate(records)]
+        return predict_answer(model.version, answers, logged)
 
     def _write_log(self, records: list[PredictionRecord], images: list[tuple[str, bytes]]) -> bool:
         # A failing log must not fail predictions already made: count it, answer logged=false.
@@ -208,12 +189,12 @@ class ServingRuntime:
             else:
                 c[1] -= outcome.previous_label == outcome.predicted_label
             c[1] += outcome.label == outcome.predicted_label
-        self.metrics.record_feedback("prediction", *self._feedback_counts)
+        self.metrics.record_feedback(*self._feedback_counts)
         return {"prediction_id": outcome.prediction_id, "label": outcome.label,
                 "predicted_label": outcome.predicted_label, "previous_label": outcome.previous_label,
                 "changed": outcome.changed, "correct": outcome.label == outcome.predicted_label}
 
-    async def add_labeled_image(self, upload: Upload, label: str) -> dict:
+    async def add_labeled_upload(self, upload: Upload, label: str) -> dict:
         model = self._model()
         self._check_label(label)
         loop = asyncio.get_running_loop()
@@ -221,11 +202,11 @@ class ServingRuntime:
 
         def write() -> str:
             self.log.store_image(sha, upload.data)
-            return self.log.add_labeled_input(sha, label, upload.filename)
+            return self.log.add_labeled_upload(sha, label, upload.filename)
 
-        input_id = await loop.run_in_executor(self._io_pool, write)
-        self.metrics.feedback.labels(source="direct").inc()
-        return {"input_id": input_id, "label": label, "image_sha256": sha}
+        upload_id = await loop.run_in_executor(self._io_pool, write)
+        self.metrics.record_labeled_upload()
+        return {"upload_id": upload_id, "label": label, "image_sha256": sha}
 
     # info ------------------------------------------------------------------------------------
 

@@ -120,3 +120,35 @@ def test_window_carries_the_latest_feedback_label(log):
     live = window_from_records(log.predictions(model_version="v1"), ref)
     assert live.feedback.tolist() == [-1, 2, -1]
     assert live.probs.shape == (3, K) and live.embeddings.shape == (3, D)
+
+
+def test_window_audits_label_changes_the_same_on_both_logs(log):
+    records = _records(4, "v1", time.time() - 10)
+    outside = _records(1, "v2", time.time() - 5)
+    log.add_predictions(records + outside)
+    log.record_feedback(records[0].prediction_id, "a")
+    log.record_feedback(records[1].prediction_id, "b")
+    log.record_feedback(records[1].prediction_id, "b")  # a repeat changes nothing
+    log.record_feedback(records[1].prediction_id, "c")
+    log.record_feedback(records[1].prediction_id, "a")
+    log.record_feedback(outside[0].prediction_id, "b")
+    window_records = log.predictions(model_version="v1")
+    live = window_from_records(window_records, reference(), log.label_changes(r.prediction_id for r in window_records))
+    changes = build_report(reference(), live, min_samples=100)["label_changes"]
+    assert changes == {"count": 4, "relabelled_predictions": 1}
+
+
+def test_the_rendered_report_has_a_line_for_label_changes():
+    from rich.console import Console
+
+    from exporters.prediction_log import LabelChanges
+
+    live = window(40, 1)
+    live.label_changes = LabelChanges(count=7, relabelled_predictions=2)
+    console = Console(record=True, width=120)
+    print_report(build_report(reference(), live, min_samples=100), console)
+    assert "label changes: 7 feedback event(s), 2 prediction(s) relabelled" in console.export_text()
+
+
+def test_a_window_read_without_the_log_reports_no_label_changes():
+    assert build_report(reference(), window(40, 1), min_samples=100)["label_changes"] is None

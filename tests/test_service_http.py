@@ -23,12 +23,14 @@ from tests.service_server import ensure_prometheus, prometheus_scraping, publish
 
 MAX_FILES = 10
 MAX_BODY = 2_000_000
+MAX_PIXELS = 1_000_000  # under the decoder's own limit, so the service's limit answers
 
 
 @pytest.fixture(scope="module")
 def server(published_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("service_http")
-    env = service_env(published_model.registry, tmp / "data", max_files=MAX_FILES, max_body_bytes=MAX_BODY)
+    env = service_env(published_model.registry, tmp / "data", max_files=MAX_FILES, max_body_bytes=MAX_BODY,
+                      max_pixels=MAX_PIXELS)
     with serve(env, tmp / "server.log") as running:
         running.data_dir = tmp / "data"
         yield running
@@ -70,12 +72,11 @@ def _in_process_probabilities(model, paths: list[Path], tmp: Path):
     import numpy as np
 
     from exporters.onnx_runtime import load_bundle_model
-    from exporters.preprocess import ResizePolicy, load_model_input
+    from exporters.preprocess import load_model_input
     from exporters.registry import Registry
 
-    classifier, meta = load_bundle_model(Registry.open(str(model.registry)).fetch(model.version, tmp), prefer_gpu=False)
-    policy = ResizePolicy(crop_size=meta["preprocess"]["crop_size"], resize_size=meta["preprocess"]["resize_size"])
-    return classifier.run(np.stack([load_model_input(p, policy) for p in paths]))[0]
+    classifier, bundle = load_bundle_model(Registry.open(str(model.registry)).fetch(model.version, tmp), prefer_gpu=False)
+    return classifier.run(np.stack([load_model_input(p, bundle.policy) for p in paths]))[0]
 
 
 def test_predictions_are_the_models_own_and_known_images_get_their_labels(client, published_model, tmp_path):
@@ -138,14 +139,14 @@ def test_feedback_is_recorded_idempotent_and_the_latest_label_wins(client, serve
         assert db.execute("SELECT COUNT(*) FROM feedback_events WHERE prediction_id = ?", (pid,)).fetchone() == (2,)
 
 
-def test_a_labeled_image_can_be_submitted_directly(client, server, published_model):
+def test_a_labeled_upload_is_stored_with_its_label(client, server, published_model):
     path = _train_images(published_model)[-1]
     r = client.post("/feedback/image", files={"image": (path.name, path.read_bytes(), "image/png")}, data={"label": "7"})
     assert r.status_code == 201, r.text
     sha = r.json()["image_sha256"]
     assert (server.data_dir / "images" / sha[:2] / sha).is_file()
     with sqlite3.connect(server.data_dir / "predictions.sqlite3") as db:
-        assert db.execute("SELECT label FROM labeled_inputs WHERE input_id = ?", (r.json()["input_id"],)).fetchone() == ("7",)
+        assert db.execute("SELECT label FROM labeled_uploads WHERE upload_id = ?", (r.json()["upload_id"],)).fetchone() == ("7",)
 
 
 def test_info_shows_the_model_and_the_providers_actually_used(client, published_model):
@@ -177,6 +178,12 @@ def _bomb_png() -> bytes:
     return bytes(data)
 
 
+def _png_of(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _predict_then_feedback(label: str):
     def send(c: httpx.Client, model) -> httpx.Response:
         pid = c.post("/predict", files=_files([_one_image(model)])).json()["predictions"][0]["prediction_id"]
@@ -189,6 +196,8 @@ BAD_INPUTS = {
     "truncated_jpeg": (lambda c, m: c.post("/predict", files=[("images", ("t.jpg", _jpeg(_one_image(m))[:300]))]), 422, "bad_image"),
     "zero_byte_file": (lambda c, m: c.post("/predict", files=[("images", ("empty.jpg", b""))]), 422, "bad_image"),
     "decompression_bomb": (lambda c, m: c.post("/predict", files=[("images", ("bomb.png", _bomb_png()))]), 422, "bad_image"),
+    "over_the_pixel_limit": (lambda c, m: c.post("/predict", files=[("images", ("big.png", _png_of(1250, 801)))]), 422,
+                             "too_many_pixels"),
     "body_over_limit": (lambda c, m: c.post("/predict", files=[("images", ("big.jpg", b"\0" * (MAX_BODY + 1)))]), 413, "payload_too_large"),
     "missing_images_field": (lambda c, m: c.post("/predict", files=[("image", ("a.png", _one_image(m).read_bytes()))]), 400, "missing_field"),
     "too_many_files": (lambda c, m: c.post("/predict", files=_files([_one_image(m)] * (MAX_FILES + 1))), 413, "too_many_files"),
@@ -200,9 +209,16 @@ BAD_INPUTS = {
     "feedback_missing_label": (lambda c, m: c.post("/feedback", json={"prediction_id": "x"}), 400, "invalid_feedback"),
     "unknown_prediction_id": (lambda c, m: c.post("/feedback", json={"prediction_id": "0" * 32, "label": "0"}), 404, "unknown_prediction"),
     "unknown_label": (_predict_then_feedback("9"), 422, "unknown_label"),
-    "labeled_image_unknown_label": (lambda c, m: c.post("/feedback/image", files={"image": ("a.png", _one_image(m).read_bytes())},
-                                                       data={"label": "cat"}), 422, "unknown_label"),
+    "labeled_upload_unknown_label": (lambda c, m: c.post("/feedback/image", files={"image": ("a.png", _one_image(m).read_bytes())},
+                                                        data={"label": "cat"}), 422, "unknown_label"),
 }
+
+
+def test_an_image_over_the_pixel_limit_is_told_the_limit_and_the_setting(client):
+    r = client.post("/predict", files=[("images", ("big.png", _png_of(1250, 801)))])
+    assert r.status_code == 422 and r.json()["error"] == "too_many_pixels"
+    assert r.json()["message"] == ("'big.png' is 1250x801 = 1001250 pixels, over the limit of 1000000 "
+                                   "(CNNLOOP_MAX_PIXELS); downscale it first")
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

@@ -45,6 +45,10 @@ def print_report(report: dict, console: Console) -> None:
                       + ("" if fb["enough"] else " (too few labels for a verdict)"), highlight=False)
     else:
         console.print("feedback accuracy: no labeled predictions in the window")
+    changes = report["label_changes"]
+    if changes is not None:
+        console.print(f"label changes: {changes['count']} feedback event(s), "
+                      f"{changes['relabelled_predictions']} prediction(s) relabelled", highlight=False)
 
 
 def plot_report(report: dict, reference: ReferenceSet, window: LiveWindow, path: Path) -> Path:

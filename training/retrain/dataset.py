@@ -1,6 +1,9 @@
-"""What a retrain learns from and is judged on: the original splits replayed + labeled feedback.
+"""What a retrain learns from and is judged on: the original splits replayed + the labeled examples.
 
-Feedback images are split by their content hash, so an image keeps its role (train, early-stopping
+Labeled examples are the prediction log's feedback (labels given on predictions) and labeled uploads
+(new images sent with a label); the retrain settings and the audit record call them all "feedback"
+(`feedback_holdout`, `counts["feedback"]`), names kept because scripts and configs use them.
+They are split by their image's content hash, so an image keeps its role (train, early-stopping
 val, or holdout) across every retrain: a challenger is never judged on an image an earlier model
 trained on. The original test split stays a holdout too, so "better on the new traffic" can be
 weighed against "worse on the old".
@@ -18,7 +21,7 @@ import torch
 
 from training.datasets import LabeledFiles
 from training.errors import TrainingError
-from training.fit import Splits
+from training.data_splits import Splits
 from training.image_cache import DecodedImages, decode_files
 
 MAX_FEEDBACK_REPEAT = 20
@@ -26,7 +29,7 @@ MAX_FEEDBACK_REPEAT = 20
 
 @dataclass
 class RetrainData:
-    splits: Splits  # train: original + feedback (repeated); val: original + feedback; test: original
+    splits: Splits  # train: original + labeled examples (repeated); val: original + labeled examples; test: original
     holdout_feedback: DecodedImages
     counts: dict
 
@@ -39,7 +42,7 @@ def concat(parts: list[DecodedImages], classes: list[str], size: int) -> Decoded
                          [q for p in parts for q in p.paths], classes)
 
 
-def feedback_role(sha256: str, holdout: float, val: float) -> str:
+def labeled_example_role(sha256: str, holdout: float, val: float) -> str:
     """'holdout', 'val' or 'train', fixed per image by its hash (uniform in [0, 1))."""
     u = int(sha256[:12], 16) / float(16**12)
     if u < holdout:
@@ -72,8 +75,9 @@ def read_original_splits(path: Path, classes: list[str], rebase_to: Path | None)
 
 
 def latest_labels(log, classes: list[str]) -> dict[str, tuple[float, str]]:
-    """sha256 -> (when, label) with the newest label per image. Labels outside `classes` cannot occur:
-    the service accepts only the serving model's labels, and a retrain keeps the label set."""
+    """sha256 -> (when, label): the newest label per image, whether feedback or a labeled upload gave it.
+    Labels outside `classes` cannot occur: the service accepts only the serving model's labels, and a
+    retrain keeps the label set."""
     latest: dict[str, tuple[float, str]] = {}
     for ex in log.labeled_examples():
         if ex.label in classes and (ex.image_sha256 not in latest or ex.labeled_at >= latest[ex.image_sha256][0]):
@@ -84,7 +88,7 @@ def latest_labels(log, classes: list[str]) -> dict[str, tuple[float, str]]:
 def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: dict[str, tuple[float, str]], classes: list[str],
                        size: int, cache_dir: Path, holdout: float, val: float, feedback_weight: float,
                        progress=None) -> RetrainData:
-    """`latest` is `latest_labels(log, classes)`: the pass reads the labels once (on S3 that is one read per feedback)."""
+    """`latest` is `latest_labels(log, classes)`: the pass reads the labels once (on S3 one read per labeled example)."""
     index = {c: i for i, c in enumerate(classes)}
     roles: dict[str, tuple[list[Path], list[int]]] = {"train": ([], []), "val": ([], []), "holdout": ([], [])}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +99,7 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: di
             tmp = path.with_suffix(".part")
             tmp.write_bytes(log.image_bytes(sha))
             tmp.replace(path)
-        paths, labels = roles[feedback_role(sha, holdout, val)]
+        paths, labels = roles[labeled_example_role(sha, holdout, val)]
         paths.append(path)
         labels.append(index[label])
     decoded, skipped = {}, []
@@ -106,10 +110,10 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: di
     fb = {}
     for role, (paths, labels) in roles.items():
         fb[role], bad = decode_files(LabeledFiles(paths, np.asarray(labels, dtype=np.int64), classes), size,
-                                     f"decoding feedback {role}", progress)
+                                     f"decoding labeled examples {role}", progress)
         skipped += bad
     n_orig, n_fb = len(decoded["train"]), len(fb["train"])
-    # Repeat feedback until it is `feedback_weight` of an epoch; the original data is replayed in full
+    # Repeat labeled examples until they are `feedback_weight` of an epoch; the original data is replayed in full
     # so the model does not forget what it knew.
     repeat = 0 if n_fb == 0 else max(1, min(MAX_FEEDBACK_REPEAT, math.ceil(feedback_weight / (1 - feedback_weight) * n_orig / n_fb)))
     train = concat([decoded["train"]] + [fb["train"]] * repeat, classes, size)

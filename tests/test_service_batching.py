@@ -1,0 +1,55 @@
+"""The adaptive batcher: concurrent requests share ONNX Runtime calls, each gets its own rows back."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+
+from service.batcher import AdaptiveBatcher
+
+
+class _RecordingModel:
+    def __init__(self, n_classes=3):
+        self.calls: list[int] = []
+        self.n_classes = n_classes
+        self.lock = threading.Lock()
+
+    def run(self, images):
+        with self.lock:
+            self.calls.append(len(images))
+        flat = images.reshape(len(images), -1).astype(np.float32)
+        probs = np.tile(flat[:, :1], (1, self.n_classes))  # each image's first pixel: lets tests check routing
+        return probs, flat[:, :2]
+
+
+def _images(values):
+    return np.stack([np.full((4, 4, 3), v, np.uint8) for v in values])
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results():
+    async def main():
+        model = _RecordingModel()
+        batcher = AdaptiveBatcher(max_batch_size=16, max_latency_ms=50)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.run(model, _images([i, i])) for i in range(20)))
+        await batcher.stop()
+        return model, results
+
+    model, results = asyncio.run(main())
+    for i, (probs, embs) in enumerate(results):
+        assert probs.shape == (2, 3) and np.all(probs == i)
+    assert sum(model.calls) == 40 and max(model.calls) == 16 and len(model.calls) <= 4
+
+
+def test_images_for_different_models_never_share_a_batch():
+    async def main():
+        old, new = _RecordingModel(), _RecordingModel()
+        batcher = AdaptiveBatcher(max_batch_size=32, max_latency_ms=20)
+        batcher.start()
+        await asyncio.gather(*(batcher.run(old if i % 2 else new, _images([i])) for i in range(10)))
+        await batcher.stop()
+        return old, new
+
+    old, new = asyncio.run(main())
+    assert sum(old.calls) == 5 and sum(new.calls) == 5

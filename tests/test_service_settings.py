@@ -1,0 +1,47 @@
+"""The service's settings: defaults with no environment, YAML < env, refusals that name the variable."""
+from __future__ import annotations
+
+import pytest
+
+from service.errors import ConfigError
+from service.settings import load_service_settings
+
+
+def test_settings_defaults_work_with_no_environment():
+    s = load_service_settings(environ={})
+    assert (s.registry, s.data_dir, s.alias) == ("./registry", "./data/service", "production")
+
+
+def test_settings_env_overrides_yaml(tmp_path):
+    cfg = tmp_path / "service.yaml"
+    cfg.write_text("batch_max_size: 8\ntop_k: 2\n")
+    s = load_service_settings(environ={"CNNLOOP_CONFIG": str(cfg), "CNNLOOP_BATCH_MAX_SIZE": "16"})
+    assert (s.batch_max_size, s.top_k) == (16, 2)
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"CNNLOOP_BATCH_MAX_SIZE": "0"}, "batch_max_size"),
+    ({"CNNLOOP_STORE_SAMPLE_RATE": "1.5"}, "store_sample_rate"),
+    ({"CNNLOOP_DATA_DIR": "gs://bucket/x"}, "only local paths and s3://"),
+    ({"CNNLOOP_API_TOKEN": "secretval"}, "at least 16 characters"),
+    ({"CNNLOOP_MAX_PIXELS": "999999999999"}, "hard limit"),
+])
+def test_settings_refuse_bad_values_naming_the_variable(env, says):
+    with pytest.raises(ConfigError, match=says) as e:
+        load_service_settings(environ=env)
+    assert "secretval" not in str(e.value)  # a token is never echoed
+
+
+def test_yaml_with_unknown_setting_is_refused(tmp_path):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("batch_size: 8\n")
+    with pytest.raises(ConfigError, match="unknown setting 'batch_size'"):
+        load_service_settings(config_file=cfg, environ={})
+
+
+def test_cpu_runs_single_threaded_calls_side_by_side_and_gpu_keeps_ort_threads():
+    s = load_service_settings(environ={})
+    ort_threads, calls = s.resolved_inference_threads(gpu=False)
+    assert ort_threads == 1 and calls >= 1
+    assert s.resolved_inference_threads(gpu=True) == (None, 2)
+    assert load_service_settings(environ={"CNNLOOP_ORT_THREADS": "4"}).resolved_inference_threads(gpu=False)[0] == 4
