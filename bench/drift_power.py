@@ -48,7 +48,7 @@ ANCHOR = "Failing Loudly: BBSD+KS averaged 0.51 detection at 200 samples across 
 
 def train_run(out: Path) -> Path:
     from training.config import load_train_config
-    from training.fit import train
+    from training.train import train
 
     train(HYM / "train", out, load_train_config(None, RECIPE), test_dir=HYM / "val", show_progress=False)
     return out
@@ -60,10 +60,10 @@ def build_reference(run_dir: Path, bundle_dir: Path):
     The reference holds the bundle's arrays as shipped (PCA basis fitted on training embeddings),
     plus, for the OLD_MMD column only, the validation embeddings projected on a basis fitted on
     themselves, as exporters before 7dc6963 shipped it."""
-    from exporters.bundle import export_bundle
+    from exporters.bundle_export import export_bundle
     from exporters.onnx_runtime import OnnxClassifier
     from exporters.reference_stats import MAX_SAMPLE, fit_pca, load_reference, project
-    from training.export_inputs import read_export_inputs
+    from training.run_to_bundle import read_export_inputs
 
     inputs = read_export_inputs(run_dir)
     run = inputs.run
@@ -214,7 +214,7 @@ def exporter_commit() -> str:
     """Last commit touching the exporter, plus '+dirty' when the working tree differs from it."""
     import subprocess
 
-    paths = ["exporters/bundle.py", "exporters/reference_stats.py"]
+    paths = ["exporters/bundle.py", "exporters/bundle_export.py", "exporters/reference_stats.py"]
     git = ["git", "-C", str(ROOT)]
     try:
         sha = subprocess.run([*git, "log", "-1", "--format=%h", "--", *paths],

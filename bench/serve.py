@@ -50,7 +50,7 @@ def prepare_model(workdir: Path) -> tuple[str, Path]:
     from exporters.registry import Registry
     from tests.service_server import export_and_publish
     from training.config import load_train_config
-    from training.fit import train
+    from training.train import train
 
     run_dir = workdir / "run"
     cfg = load_train_config(None, dict(epochs=1, strategy="freeze", batch_size=32, image_size=224, patience=5))
@@ -73,16 +73,15 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
     import threading
 
     from exporters.onnx_runtime import load_bundle_model
-    from exporters.preprocess import ResizePolicy, load_model_input
+    from exporters.preprocess import load_model_input
     from exporters.registry import Registry
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "inproc_bundle")
     cores = os.cpu_count() or 1
     results = {}
     for mode, threads, workers in (("one call, all cores", None, 1), (f"{cores} calls, 1 core each", 1, cores)):
-        model, meta = load_bundle_model(bundle, threads=threads)
-        pre = meta["preprocess"]
-        policy = ResizePolicy(crop_size=pre["crop_size"], resize_size=pre["resize_size"])
+        model, fetched = load_bundle_model(bundle, threads=threads)
+        policy = fetched.policy
         decode = lambda b: load_model_input(b, policy)  # noqa: E731
         model.run(np.stack([decode(images[0][1])] * max(batch_sizes)))  # warm-up
         pool = ThreadPoolExecutor(cores) if workers == 1 else None

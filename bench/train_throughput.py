@@ -91,7 +91,7 @@ def run_baseline(data: Path, epochs: int, batch: int) -> dict:
 
 def run_cnnloop(data: Path, epochs: int, batch: int, strategy: str) -> dict:
     from training.config import load_train_config
-    from training.fit import train
+    from training.train import train
 
     # 224 px like the baseline: same model, same input size (our default recipe trains lite0 at 288).
     cfg = load_train_config(None, {"epochs": epochs, "batch_size": batch, "strategy": strategy, "test_fraction": 0.0,

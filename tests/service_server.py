@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +17,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from training.service_process import free_port, stop_process_group
+from training.demo.service_process import free_port, stop_process_group, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 90
@@ -66,18 +65,7 @@ def serve(env: dict[str, str], log_path: Path, target: str = "service.service:Cn
                                 start_new_session=True)
     running = RunningService(f"http://127.0.0.1:{port}", proc, log_path)
     try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {proc.returncode}:\n{running.log_text()[-4000:]}")
-            try:
-                if httpx.get(running.url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"service not ready after {START_TIMEOUT_S}s:\n{running.log_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_until_ready(running.url, proc, START_TIMEOUT_S, log_path)
         yield running
     finally:
         stop_process_group(proc)
@@ -125,18 +113,7 @@ def prometheus_scraping(binary: str, target_url: str, workdir: Path) -> Iterator
                                 start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(url + "/-/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"prometheus not ready: {log_path.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_ready(url, proc, 60, log_path, ready_path="/-/ready", what="prometheus")
         yield url
     finally:
         stop_process_group(proc)
@@ -175,7 +152,7 @@ class PublishedModel:
 def publish_digits_model(root: Path) -> PublishedModel:
     """A tiny digits model (0, 1, 7 at 64 px), trained in seconds, published and promoted to production."""
     from tests.training_data import fast_config, make_digits
-    from training.fit import train
+    from training.train import train
 
     data = make_digits(root / "digits", digits=(0, 1, 7), per_class=30)
     train(data, root / "run", fast_config(epochs=2, strategy="finetune", lr=3e-3), show_progress=False)

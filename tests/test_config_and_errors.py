@@ -6,7 +6,7 @@ from training.cli import app
 from training.config import load_train_config
 from training.datasets import discover
 from training.errors import TrainingError
-from training.fit import train
+from training.train import train
 from tests.training_data import fast_config, make_digits, write_png
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from exporters.preprocess import ImageDecodeError, ResizePolicy, load_model_input
-from training.augment import eval_crop
+from exporters.preprocess import ImageDecodeError, ResizePolicy, center_crop, load_model_input
+from training.augment import eval_crop, train_transform
 from training.backbones import get_backbone_spec, load_pretrained_network
 from training.errors import TrainingError
 from training.datasets import LabeledFiles
@@ -64,6 +64,32 @@ def test_training_eval_crop_is_pixel_identical_to_serving_preprocessing(tmp_path
     trained_on = eval_crop(decoded.images, policy)[0].permute(1, 2, 0).numpy()
     served = load_model_input(path.read_bytes(), policy)
     assert served.shape == (224, 224, 3) and np.array_equal(trained_on, served)
+
+
+@pytest.fixture(scope="module")
+def china_file(tmp_path_factory, sample_photos):
+    path = tmp_path_factory.mktemp("x") / "x" / "china.png"
+    path.parent.mkdir()
+    path.write_bytes(sample_photos["china.jpg"])
+    return LabeledFiles([path], np.array([0]), ["x"])
+
+
+# Margins (resize - crop) of 32, 9, 23 and 1 pixels: odd ones are where two crop formulas part.
+@pytest.mark.parametrize("policy", [ResizePolicy.for_crop(224), ResizePolicy.for_crop(64), ResizePolicy.for_crop(160),
+                                    ResizePolicy(crop_size=16, resize_size=17)], ids=str)
+def test_training_tensor_crop_and_serving_array_crop_give_identical_pixels(china_file, policy):
+    decoded, _ = decode_files(china_file, policy.resize_size)
+    trained_on = eval_crop(decoded.images, policy).permute(0, 2, 3, 1).numpy()
+    served = center_crop(decoded.images.permute(0, 2, 3, 1).numpy(), policy.crop_size)
+    assert served.shape == (1, policy.crop_size, policy.crop_size, 3) and np.array_equal(trained_on, served)
+
+
+def test_the_unaugmented_train_preset_trains_on_the_evaluation_crop(china_file):
+    # Crop 160 from a 183 square: torchvision's CenterCrop rounds 11.5 to 12, the served crop starts at 11.
+    policy = ResizePolicy.for_crop(160)
+    decoded, _ = decode_files(china_file, policy.resize_size)
+    square = decoded.images[0]
+    assert torch.equal(train_transform("none", policy)(square), eval_crop(square, policy))
 
 
 @pytest.mark.parametrize("data, reason", [

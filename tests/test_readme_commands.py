@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ from PIL import Image
 
 from tests.readme_blocks import bash_lines, named_command, normal
 from tests.terminal import Terminal, run_in_terminal
-from training.service_process import free_port
+from training.demo.service_process import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -246,17 +245,7 @@ def test_registry_promote_then_rollback_moves_production_and_back(ws):
 
 def test_serve_answers_the_two_curl_calls(ws):
     ws.service = Terminal(ws.line("cnnloop serve --port 3000", {"3000": str(ws.port)}), ws.root, ws.env)
-    url = f"http://127.0.0.1:{ws.port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert ws.service.process.poll() is None, f"cnnloop serve exited:\n{ws.service.output[-4000:]}"
-        try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"cnnloop serve not ready in 180 s:\n{ws.service.output[-4000:]}"
-        time.sleep(0.5)
+    wait_until_ready(f"http://127.0.0.1:{ws.port}", ws.service.process, 180, lambda: ws.service.output)
     out = ws.readme("curl -F images=@ant.jpg -F images=@bee.jpg localhost:3000/predict", {"3000": str(ws.port)})
     answer = json.loads(out[out.index("{"):])
     assert [p["filename"] for p in answer["predictions"]] == ["ant.jpg", "bee.jpg"]

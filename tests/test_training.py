@@ -1,5 +1,6 @@
 """Training end to end on small real data (scikit-learn digits) at 64 px on the CPU."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,13 +8,20 @@ import torch
 from safetensors.torch import load_file
 
 import training.fit as fit_module
+import training.train as train_module
+from exporters.preprocess import ResizePolicy
+from training.augment import eval_crop
 from training.backbones import get_backbone_spec
 from training.cv import cross_validate
+from training.datasets import labeled_folder
+from training.engine import predict
 from training.errors import TrainingError
 from training.evaluate import evaluate_run
-from training.fit import train
+from training.image_cache import DecodedImages, decode_files
 from training.model import build_classifier
 from training.run_dir import load_run
+from training.train import train
+from training.train_loader import make_criterion, make_train_loader
 from tests.training_data import fast_config, make_digits, write_png
 
 
@@ -23,9 +31,24 @@ def digits3(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(digits3, tmp_path_factory):
+def trained_and_fitted(digits3, tmp_path_factory):
+    """The run directory, its metrics, and the in-memory model the run saved (recorded, not replaced)."""
     out = tmp_path_factory.mktemp("run")
-    metrics = train(digits3, out, fast_config(epochs=4, strategy="finetune", lr=3e-3), show_progress=False)
+    fitted = []
+
+    def recording_fit_model(*args, **kwargs):
+        fitted.append(fit_module.fit_model(*args, **kwargs))
+        return fitted[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "fit_model", recording_fit_model)
+        metrics = train(digits3, out, fast_config(epochs=4, strategy="finetune", lr=3e-3), show_progress=False)
+    return out, metrics, fitted[0].model
+
+
+@pytest.fixture(scope="module")
+def trained(trained_and_fitted):
+    out, metrics, _ = trained_and_fitted
     return out, metrics
 
 
@@ -57,12 +80,21 @@ def test_splits_are_disjoint_and_test_is_stratified(trained):
     assert len(sets[2]) == 15  # 15% of 30 per class, rounded: 5 x 3
 
 
-def test_weights_load_with_safetensors_and_rebuild_the_same_predictions(trained, digits3):
-    out, metrics = trained
+def test_weights_load_with_safetensors_and_rebuild_the_same_predictions(trained_and_fitted, digits3):
+    out, metrics, trained_model = trained_and_fitted
     state = load_file(str(out / "model.safetensors"))
     assert "head.weight" in state and state["head.weight"].shape[0] == 3
     scores = evaluate_run(out, digits3)
     assert scores["n"] == 90 and scores["accuracy"] >= 0.8
+
+    rebuilt = load_run(out)
+    decoded, _ = decode_files(labeled_folder(digits3, rebuilt.classes), rebuilt.policy.resize_size)
+    images, cpu = eval_crop(decoded.images, rebuilt.policy), torch.device("cpu")
+    trained_probs, _ = predict(trained_model.cpu(), images, cpu)
+    rebuilt_probs, _ = predict(rebuilt.model, images, cpu)
+    np.testing.assert_allclose(rebuilt_probs, trained_probs, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(rebuilt_probs.argmax(1), trained_probs.argmax(1))
+    assert scores["accuracy"] == pytest.approx(np.mean(trained_probs.argmax(1) == decoded.labels.numpy()))
 
 
 def test_evaluate_writes_scores_and_confusion_png(trained, digits3, tmp_path):
@@ -128,6 +160,32 @@ def test_balance_sampler_and_loss_both_train(tmp_path):
     for mode in ("sampler", "loss"):
         m = train(data, tmp_path / mode, fast_config(epochs=1, balance=mode), show_progress=False)
         assert m["class_counts"]["train"]
+
+
+def _imbalanced(counts=(40, 10), size=20) -> DecodedImages:
+    labels = torch.cat([torch.full((n,), k, dtype=torch.long) for k, n in enumerate(counts)])
+    images = torch.randint(0, 256, (len(labels), 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return DecodedImages(images, labels, [Path(f"{i}.png") for i in range(len(labels))], ["many", "few"])
+
+
+def test_balance_sampler_draws_both_classes_equally_often_from_a_four_to_one_set():
+    data, policy = _imbalanced((40, 10)), ResizePolicy(crop_size=16, resize_size=20)
+
+    def share_of_few(balance: str) -> float:
+        loader = make_train_loader(data, fast_config(balance=balance, augment="none"), policy, torch.device("cpu"))
+        drawn = torch.cat([labels for _ in range(40) for _, labels in loader])
+        return float((drawn == 1).float().mean())
+
+    assert share_of_few("none") == pytest.approx(0.2, abs=0.02)  # shuffled, not balanced: 10 of 50
+    assert share_of_few("sampler") == pytest.approx(0.5, abs=0.05)  # ~1900 seeded draws
+
+
+def test_balance_loss_weighs_each_class_by_its_inverse_frequency():
+    data, cpu = _imbalanced((40, 10)), torch.device("cpu")
+    weight = make_criterion(data, fast_config(balance="loss"), cpu).weight
+    assert torch.allclose(weight, torch.tensor([50 / (2 * 40), 50 / (2 * 10)]))  # N / (K * count_k)
+    assert make_criterion(data, fast_config(balance="sampler"), cpu).weight is None  # never both at once
+    assert make_criterion(data, fast_config(balance="none"), cpu).weight is None
 
 
 def test_cross_validation_reports_mean_and_std_over_folds(digits3):

@@ -1,10 +1,12 @@
 """Train/eval presets on cached uint8 squares (torchvision v2 on tensors, no PIL round trip)."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torchvision.transforms import v2
 
-from exporters.preprocess import ResizePolicy
+from exporters.preprocess import ResizePolicy, center_crop_window
 
 PRESETS = ("none", "light", "strong")
 
@@ -13,7 +15,9 @@ def train_transform(preset: str, policy: ResizePolicy, hflip: bool = True) -> v2
     """Random crop-zoom, flips, rotation and colour on one 3xSxS uint8 image -> 3xCxC uint8."""
     c = policy.crop_size
     if preset == "none":
-        return v2.CenterCrop(c)
+        # Not v2.CenterCrop: its rounding puts the crop a pixel off eval_crop for some sizes.
+        # partial, not a lambda: the DataLoader's workers must be able to pickle it.
+        return v2.Lambda(partial(eval_crop, policy=policy))
     flip = [v2.RandomHorizontalFlip()] if hflip else []
     if preset == "light":
         return v2.Compose([v2.RandomResizedCrop(c, scale=(0.5, 1.0), antialias=True), *flip])
@@ -33,7 +37,6 @@ def noise_std(preset: str) -> float:
 
 
 def eval_crop(images: torch.Tensor, policy: ResizePolicy) -> torch.Tensor:
-    """Centre crop of cached squares: the same pixels `exporters.preprocess.load_model_input` gives."""
-    s, c = images.shape[-1], policy.crop_size
-    o = (s - c) // 2
-    return images[..., o : o + c, o : o + c]
+    """Centre crop of cached ...xSxS squares: the window `exporters.preprocess.center_crop` serves."""
+    rows, cols = center_crop_window(images.shape[-2], images.shape[-1], policy.crop_size)
+    return images[..., rows, cols]

@@ -9,10 +9,11 @@ from rich.console import Console
 from exporters.preprocess import ResizePolicy
 from training.backbones import get_backbone_spec
 from training.config import TrainConfig
+from training.data_splits import Splits
 from training.datasets import discover
 from training.engine import resolve_device
 from training.errors import TrainingError
-from training.fit import Splits, fit_model, score_split, seed_everything
+from training.fit import fit_model, score_split, seed_everything
 from training.image_cache import decode_files
 from training.model import build_classifier
 from training.progress import make_progress

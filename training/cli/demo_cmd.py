@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
         accuracy before and after. Exit 1 if the loop did not close: no drift seen, no promotion, or
         no recovery on the shifted traffic.
         """
-        from training.demo import run_demo
+        from training.demo.loop import run_demo
 
         with guarded():
             s = run_demo(work_dir, console, show_progress=not quiet)

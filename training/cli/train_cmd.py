@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         from training.config import load_train_config
         from training.devices import resolve_device
         from training.distributed import read_launch_env
-        from training.fit import train
+        from training.train import train
 
         with guarded():
             cfg = load_train_config(config, overrides)

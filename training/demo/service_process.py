@@ -1,7 +1,8 @@
-"""Start `cnnloop serve` as a child process on a free port and stop it cleanly (the demo's service).
+"""A service as a child process: a free port, a bounded wait on /readyz, a clean stop.
 
-Bounded wait on /readyz; the child gets its own process group so BentoML's arbiter and workers
-stop together, SIGTERM first (in-flight requests drain), SIGKILL if that hangs.
+The demo starts `cnnloop serve` with these; the service tests start `bentoml serve` with the same
+three helpers. The child gets its own process group so BentoML's arbiter and workers stop together,
+SIGTERM first (in-flight requests drain), SIGKILL if that hangs.
 """
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
 from training.errors import TrainingError
+
+LOG_TAIL_CHARS = 4000
 
 
 def free_port() -> int:
@@ -38,6 +42,31 @@ def stop_process_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
+def _log_tail(log: Path | Callable[[], str]) -> str:
+    if callable(log):
+        return log()[-LOG_TAIL_CHARS:]
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"its log: {log}\n{text[-LOG_TAIL_CHARS:]}"
+
+
+def wait_until_ready(url: str, process: subprocess.Popen, timeout_s: float, log: Path | Callable[[], str],
+                     ready_path: str = "/readyz", what: str = "the service") -> None:
+    """Return once `url` + `ready_path` answers 200; TrainingError with the tail of `log` (its file, or a
+    function returning its text) if `process` exits first or `timeout_s` passes. Stopping it is the caller's."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            raise TrainingError(f"{what} exited with code {process.returncode} while starting; {_log_tail(log)}")
+        try:
+            if httpx.get(url + ready_path, timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TrainingError(f"{what} was not ready within {timeout_s:.0f}s; {_log_tail(log)}")
+        time.sleep(0.5)
+
+
 @dataclass
 class ServiceProcess:
     url: str
@@ -49,21 +78,6 @@ class ServiceProcess:
 
     def stop(self) -> None:
         stop_process_group(self.process)
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise TrainingError(f"the service exited with code {self.process.returncode} while starting; "
-                                    f"its log: {self.log_path}\n{self.log_path.read_text(errors='replace')[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TrainingError(f"the service was not ready within {timeout_s:.0f}s; its log: {self.log_path}")
 
 
 def start_service(settings: dict[str, str], log_path: Path, timeout_s: float = 180) -> ServiceProcess:
@@ -78,5 +92,9 @@ def start_service(settings: dict[str, str], log_path: Path, timeout_s: float = 1
         proc = subprocess.Popen([cli, "serve", "--host", "127.0.0.1", "--port", str(port)], env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     service = ServiceProcess(f"http://127.0.0.1:{port}", proc, log_path)
-    service.wait_ready(timeout_s)
+    try:
+        wait_until_ready(service.url, proc, timeout_s, log_path)
+    except BaseException:
+        service.stop()
+        raise
     return service

@@ -1,4 +1,4 @@
-"""`cnnloop demo`: the whole loop on data every machine has (scikit-learn's real handwritten digits).
+"""The demo's loop, on data every machine has (scikit-learn's real handwritten digits).
 
 digits -> fine-tune -> export -> serve (real `bentoml serve`) -> predictions + feedback -> shifted
 traffic (inverted digits, true labels as feedback) -> drift report -> retrain -> promote -> the
@@ -18,14 +18,14 @@ from rich.console import Console
 from exporters.registry import Registry
 from training.config import load_train_config
 from training.datasets import discover
-from training.demo_traffic import send_images, split_pool, wait_for_version
+from training.demo.service_process import start_service
+from training.demo.traffic import send_images, split_pool, wait_for_version
 from training.digits import write_digits
-from training.fit import train
-from training.publish import publish_run
+from training.run_to_bundle import publish_run
 from training.retrain.job import drift_check, report_summary, retrain_once
 from training.retrain.settings import LoopSettings
-from training.service_process import start_service
 from training.splits import stratified_split
+from training.train import train
 
 # 64 px keeps training to about a minute on two CPU cores; flips would turn digits into other glyphs.
 DEMO_RECIPE = {"image_size": 64, "hflip": False, "strategy": "finetune", "epochs": 4, "lr": 3e-3, "patience": 3}

@@ -1,0 +1,30 @@
+"""A fitted model becomes a run directory: scores on val (and test), weights, config, metrics, split
+lists and plots. `cnnloop train` and the retrain job's challenger both leave one; export reads it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporters.preprocess import ResizePolicy
+from training.config import TrainConfig, save_config
+from training.data_splits import Splits
+from training.fit import FitResult, score_split
+from training.plots import plot_confusion, plot_curves
+from training.run_dir import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
+
+
+def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device, info: dict,
+              origin: dict, metrics: dict) -> dict:
+    """Score the fitted model on val (and test), then write the run directory; returns `metrics` completed."""
+    metrics["val"], _, _ = score_split(fit.model, splits.val, policy, device, cfg)
+    if splits.test is not None and len(splits.test):
+        metrics["test"], _, _ = score_split(fit.model, splits.test, policy, device, cfg)
+    save_model(out, fit.model.cpu(), info)
+    save_config(cfg, out / CONFIG)
+    write_json(out / METRICS, metrics)
+    write_json(out / SKIPPED, splits.skipped)
+    write_splits(out, {k: getattr(splits, k) for k in ("train", "val", "test")}, origin, splits.carved)
+    plot_curves(fit.history, out / "curves.png", fit.best_epoch)
+    for name in ("val", "test"):
+        if name in metrics:
+            plot_confusion(metrics[name]["confusion_matrix"], info["classes"], out / f"confusion_{name}.png", f"{name} confusion")
+    return metrics
