@@ -95,8 +95,8 @@ def decode_resized_square(data: bytes | Path | str, size: int, max_pixels: int =
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        rows, cols = center_crop_window(nh, nw, size)
+        img = img.crop((cols.start, rows.start, cols.stop, rows.stop))
         arr = np.asarray(img, dtype=np.uint8)
     except ImageDecodeError:
         raise
