@@ -51,7 +51,8 @@ def describe_errors(errors: Iterable[Mapping[str, Any]], env_prefix: str, known:
             parts.append(f"unknown setting '{'.'.join(loc)}'")
         else:
             field = ".".join(loc)
-            got = MASK if "token" in field.lower() else repr(err.get("input"))
+            # Tokens and database URLs (user:password@) are never echoed; the validator's message says what is wrong.
+            got = MASK if "token" in field.lower() or field.endswith("_url") and "@" in str(err.get("input")) else repr(err.get("input"))
             parts.append(f"'{field}': {message} (got {got}, env {env_var(env_prefix, loc[0])})")
     if unknown:
         parts.append("known settings: " + ", ".join(sorted(known)))

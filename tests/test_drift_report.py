@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from exporters.prediction_log import PredictionRecord, S3PredictionLog, SqlitePredictionLog, encode_embedding, new_record_id
-from exporters.storage import open_store
+from exporters.prediction_log import PredictionRecord, encode_embedding, new_record_id
+from tests.log_backends import backend, sql_log  # noqa: F401  (fixtures: the log on SQLite and PostgreSQL)
 from training.drift.render import plot_report, print_report
 from training.drift.report import INSUFFICIENT, LiveWindow, ReferenceSet, build_report, window_from_records
 
@@ -90,15 +90,9 @@ def _records(n: int, version: str, t0: float, probs=(0.8, 0.1, 0.1)) -> list[Pre
     return out
 
 
-@pytest.fixture(params=["sqlite", "s3"])
-def log(request, tmp_path):
-    if request.param == "sqlite":
-        log = SqlitePredictionLog(tmp_path / "data")
-    else:
-        bucket = request.getfixturevalue("s3_bucket")
-        log = S3PredictionLog(open_store(bucket.uri("data"), endpoint_url=bucket.endpoint_url))
-    yield log
-    log.close()
+@pytest.fixture
+def log(sql_log):
+    return sql_log  # SQLite and PostgreSQL (tests/log_backends.py)
 
 
 def test_window_is_the_newest_predictions_of_one_model_oldest_first(log):
@@ -152,3 +146,19 @@ def test_the_rendered_report_has_a_line_for_label_changes():
 
 def test_a_window_read_without_the_log_reports_no_label_changes():
     assert build_report(reference(), window(40, 1), min_samples=100)["label_changes"] is None
+
+
+def test_feedback_on_unstored_images_is_counted_in_the_report_and_its_rendering(log):
+    from rich.console import Console
+
+    records = _records(3, "v1", time.time() - 10)
+    records[0].image_stored = records[1].image_stored = False
+    log.add_predictions(records)
+    for r in records:
+        log.record_feedback(r.prediction_id, "b")
+    live = window_from_records(log.predictions(model_version="v1"), reference())
+    report = build_report(reference(), live, min_samples=100)
+    assert report["feedback"]["without_image"] == 2 and report["feedback"]["n"] == 3
+    console = Console(record=True, width=200)
+    print_report(report, console)
+    assert "2 feedback label(s) are on predictions whose image was not stored" in console.export_text()
