@@ -21,6 +21,7 @@ _GAUGE_MODE = "livemostrecent"
 class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = registry if registry is not None else REGISTRY
+        self.registry = r
         self.predictions = Counter("cnnloop_predictions", "Images classified, by predicted class and model version",
                                    ["label", "model_version"], registry=r)
         self.confidence = Histogram("cnnloop_prediction_confidence", "Top-1 probability of each prediction",
@@ -38,6 +39,13 @@ class ServiceMetrics:
         self.rejected = Counter("cnnloop_rejected_requests", "Requests answered 4xx, by error code",
                                 ["code"], registry=r)
         self.stored_inputs = Counter("cnnloop_stored_inputs", "Predicted images whose bytes were stored", registry=r)
+        self.log_queue = Gauge("cnnloop_log_queue_records", "Prediction records answered but not yet committed to the log "
+                               "(what a crash would lose)", multiprocess_mode="livesum", registry=r)
+        self.log_written = Counter("cnnloop_log_written_records", "Prediction records committed to the log", registry=r)
+        self.log_dropped = Counter("cnnloop_log_dropped_records", "Prediction records never logged, by reason "
+                                   "(queue_full: the store is slower than the traffic; stopping: left at shutdown)",
+                                   ["reason"], registry=r)
+        self.log_write_failures = Counter("cnnloop_log_write_failures", "Failed log batch writes (each is retried)", registry=r)
         self.feedback = Counter("cnnloop_feedback", f"Labels received, by source: {FEEDBACK} (on a prediction, "
                                 f"POST /feedback) or {LABELED_UPLOAD} (a new image, POST /feedback/image)",
                                 ["source"], registry=r)

@@ -70,7 +70,8 @@ def prediction_answer(record: PredictionRecord, labels: list[str], probabilities
 
 
 def predict_answer(model_version: str, answers: list[dict], logged: bool) -> dict:
-    """The /predict body; `logged=False` on every prediction when the log write failed (they cannot get feedback)."""
+    """The /predict body; `logged=False` on every prediction the log did not take (queue full, a failed
+    synchronous write, or log_predictions off): they cannot get feedback."""
     if not logged:
         answers = [{**a, "logged": False} for a in answers]
     return {"model_version": model_version, "predictions": answers}

@@ -16,12 +16,14 @@ from typing import Callable
 import numpy as np
 
 from exporters.onnx_runtime import choose_providers
-from exporters.prediction_log import PredictionLog, PredictionRecord, new_record_id, open_prediction_log
+from exporters.prediction_log import (PredictionLog, PredictionRecord, is_record_id, new_record_id, open_prediction_log,
+                                      record_time)
 from exporters.preprocess import ResizePolicy
 from exporters.registry import Registry
 from service.batcher import AdaptiveBatcher
 from service.errors import NotFound, NotReady, Unprocessable
 from service.live_drift import LiveDrift
+from service.log_writer import LogWriter
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
 from service.predictions import (build_prediction_record, embeddings_to_log, model_input, predict_answer,
@@ -37,7 +39,13 @@ def open_registry(settings: ServiceSettings) -> Registry:
 
 
 def open_service_log(settings: ServiceSettings) -> PredictionLog:
-    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url, settings.log_url)
+
+
+# How long a feedback on a prediction still in this replica's log queue waits for its commit.
+_PENDING_FEEDBACK_WAIT_S = 10.0
+# Beyond the flush interval, how long a feedback waits for a recent prediction another replica queued.
+_OTHER_REPLICA_MARGIN_S = 2.0
 
 
 class ServingRuntime:
@@ -59,6 +67,7 @@ class ServingRuntime:
                         "decode": settings.resolved_decode_threads()}
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="cnnloop-decode")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="cnnloop-log")
+        self.writer: LogWriter | None = None
         self._drift: LiveDrift | None = None
         self._labels_seen: dict[str, list[str]] = {}
         self._feedback_counts = [0, 0]  # labeled predictions, of which predicted right
@@ -69,6 +78,8 @@ class ServingRuntime:
 
     async def start(self) -> None:
         self.log = await asyncio.to_thread(self._open_log, self.settings)
+        s = self.settings
+        self.writer = LogWriter(self.log, self.metrics, s.log_queue_size, s.log_batch_size, s.log_flush_interval_ms / 1000)
         self._feedback_counts = list(await asyncio.to_thread(self.log.feedback_summary))
         self.batcher.start()
         outcome = await asyncio.to_thread(self.models.check)
@@ -81,6 +92,8 @@ class ServingRuntime:
             self._poller.cancel()
         await self.batcher.stop()
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close, self.settings.log_drain_timeout_s)
         self._io_pool.shutdown(wait=True)
         if self.log is not None:
             self.log.close()
@@ -141,25 +154,17 @@ class ServingRuntime:
             for i, (upload, (_, sha)) in enumerate(zip(uploads, decoded))
         ]
         to_store = [(r.image_sha256, u.data) for r, u in zip(records, uploads) if r.image_stored]
-        logged = await loop.run_in_executor(self._io_pool, self._write_log, records, to_store)
+        if not self.settings.log_predictions:
+            logged = False
+        elif self.writer.synchronous:
+            logged = await loop.run_in_executor(self._io_pool, self.writer.submit, records, to_store)
+        else:
+            logged = self.writer.submit(records, to_store)
         self.metrics.record_predictions([r.label for r in records], [r.confidence for r in records], model.version)
         if self._drift is not None and self.models.current is model:
             self.metrics.record_drift(self._drift.observe(top[:, 0], probs[np.arange(len(top)), top[:, 0]]))
         answers = [prediction_answer(r, model.labels, probs[i], top[i]) for i, r in enumerate(records)]
         return predict_answer(model.version, answers, logged)
-
-    def _write_log(self, records: list[PredictionRecord], images: list[tuple[str, bytes]]) -> bool:
-        # A failing log must not fail predictions already made: count it, answer logged=false.
-        try:
-            for sha, data in images:
-                self.log.store_image(sha, data)
-            self.log.add_predictions(records)
-        except Exception:
-            log.exception("prediction log write failed (%d records)", len(records))
-            self.metrics.rejected.labels("log_write_failed").inc()
-            return False
-        self.metrics.stored_inputs.inc(len(images))
-        return True
 
     # feedback --------------------------------------------------------------------------------
 
@@ -175,6 +180,8 @@ class ServingRuntime:
 
     async def feedback(self, fb: FeedbackIn) -> dict:
         record = await asyncio.to_thread(self.log.get_prediction, fb.prediction_id)
+        if record is None:
+            record = await self._await_recent_prediction(fb.prediction_id)
         if record is None:
             raise NotFound(f"no prediction with id '{fb.prediction_id}'; use a prediction_id a /predict answer gave",
                            code="unknown_prediction")
@@ -193,6 +200,24 @@ class ServingRuntime:
         return {"prediction_id": outcome.prediction_id, "label": outcome.label,
                 "predicted_label": outcome.predicted_label, "previous_label": outcome.previous_label,
                 "changed": outcome.changed, "correct": outcome.label == outcome.predicted_label}
+
+    async def _await_recent_prediction(self, prediction_id: str) -> PredictionRecord | None:
+        """A prediction answered a moment ago may still be in a log queue: this replica's (commit it now)
+        or another replica's behind a load balancer (wait for its batch, which closes within
+        log_flush_interval_ms). Ids say when they were minted, so only recent ones wait."""
+        if self.writer.pending(prediction_id):
+            await asyncio.to_thread(self.writer.flush, _PENDING_FEEDBACK_WAIT_S)
+            return await asyncio.to_thread(self.log.get_prediction, prediction_id)
+        if not is_record_id(prediction_id):
+            return None
+        # min(): an id claiming a future time waits no longer than one minted now.
+        deadline = min(record_time(prediction_id), time.time()) + self.settings.log_flush_interval_ms / 1000 + _OTHER_REPLICA_MARGIN_S
+        while time.time() < deadline:
+            await asyncio.sleep(0.05)
+            record = await asyncio.to_thread(self.log.get_prediction, prediction_id)
+            if record is not None:
+                return record
+        return None
 
     async def add_labeled_upload(self, upload: Upload, label: str) -> dict:
         model = self._model()
@@ -221,6 +246,9 @@ class ServingRuntime:
                          "last_check": self.models.last_check, "last_error": self.models.last_error},
             "batching": {"max_batch_size": s.batch_max_size, "max_latency_ms": s.batch_max_latency_ms},
             "threads": self.threads,
+            "log": None if self.log is None else {
+                "database": self.log.describe(), "logging_predictions": s.log_predictions,
+                "queue_size": s.log_queue_size, "queued": self.writer.queued if self.writer else 0},
             "drift": self._drift.scores().__dict__ if self._drift else None,
             "feedback": {"labeled_predictions": self._feedback_counts[0], "correct": self._feedback_counts[1]},
             "settings": s.public_view(),

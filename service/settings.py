@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from exporters.locations import StoreLocations
+from exporters.locations import LogLocations
 from exporters.preprocess import MAX_PIXELS
 from exporters.settings_loader import load_settings
 from service.errors import ConfigError
@@ -20,7 +20,7 @@ from service.errors import ConfigError
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
 
 
-class ServiceSettings(StoreLocations):
+class ServiceSettings(LogLocations):
     """Every knob of the serving process (registry, data_dir, s3_endpoint_url come from StoreLocations)."""
 
     model_config = SettingsConfigDict(env_prefix="CNNLOOP_", extra="ignore", validate_assignment=True)
@@ -47,6 +47,13 @@ class ServiceSettings(StoreLocations):
     # prediction log
     store_sample_rate: float = Field(1.0, ge=0.0, le=1.0, description="fraction of predicted images whose bytes are stored")
     store_embeddings: bool = Field(True, description="keep each prediction's embedding in its record (float16; projected on the bundle's PCA basis when it has one)")
+    log_predictions: bool = Field(True, description="log every prediction (drift report, feedback, retraining need it); "
+                                  "false: answers only, logged=false, no feedback on them")
+    log_queue_size: int = Field(10_000, ge=0, le=1_000_000, description="prediction records held in memory until the log commits them: "
+                                "a crash loses at most these, a full queue drops (counted); 0 = commit before answering (slower)")
+    log_batch_size: int = Field(500, ge=1, le=10_000, description="most records one log commit writes")
+    log_flush_interval_ms: float = Field(200.0, ge=1.0, le=60_000, description="longest a record waits for its log batch to fill")
+    log_drain_timeout_s: float = Field(10.0, ge=0.0, le=600, description="how long a clean stop waits for the log queue to drain")
 
     # auth: unset = open. api_token guards /feedback*, /admin/*; predict_token guards /predict.
     api_token: SecretStr | None = None
@@ -96,7 +103,10 @@ class ServiceSettings(StoreLocations):
 
     def public_view(self) -> dict[str, Any]:
         """What GET /info may show: everything except secrets."""
+        from exporters.sql_log import redact
+
         out = self.model_dump(mode="json", exclude={"api_token", "predict_token"})
+        out["log_url"] = redact(self.log_url) if self.log_url else None
         out["auth"] = {"api_token": self.api_token is not None, "predict_token": self.predict_token is not None}
         return out
 

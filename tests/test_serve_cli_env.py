@@ -10,7 +10,8 @@ def test_cnnloop_serve_turns_flags_into_absolute_cnnloop_env(tmp_path, monkeypat
     from training.cli.serve_cmd import serve_environment
 
     monkeypatch.chdir(tmp_path)
-    env = serve_environment({"registry": "reg", "data_dir": "s3://bucket/svc", "batch_max_size": 8, "alias": None},
+    env = serve_environment({"registry": "reg", "data_dir": "s3://bucket/svc", "log_url": "postgresql://u:p@db:5432/log",
+                             "batch_max_size": 8, "alias": None},
                             ["top_k=5"], None, base={"CNNLOOP_BUNDLE_CACHE_DIR": "cache"})
     assert env["CNNLOOP_REGISTRY"] == str(tmp_path / "reg")
     assert env["CNNLOOP_DATA_DIR"] == "s3://bucket/svc"
@@ -19,6 +20,8 @@ def test_cnnloop_serve_turns_flags_into_absolute_cnnloop_env(tmp_path, monkeypat
     assert "CNNLOOP_ALIAS" not in env
     settings = load_service_settings(environ=env)  # what the worker will make of it
     assert settings.batch_max_size == 8 and settings.top_k == 5
+    assert env["CNNLOOP_LOG_URL"] == "postgresql://u:p@db:5432/log"
+    assert settings.public_view()["log_url"] == "postgresql://u:***@db:5432/log"  # /info never shows the password
 
 
 def test_cnnloop_serve_resolves_default_and_yaml_paths_where_it_was_typed(tmp_path, monkeypatch):

@@ -114,14 +114,25 @@ def test_concurrent_requests_are_batched_together(client, published_model):
     assert batches < n, f"{n} concurrent images ran in {batches} batches: no batching happened"
 
 
+def _committed(server, sql: str, args, expect: int, timeout_s: float = 20) -> list:
+    """The rows `sql` finds once `expect` of them are committed (bounded wait), or what it found by then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with sqlite3.connect(server.data_dir / "predictions.sqlite3") as db:
+            rows = db.execute(sql, args).fetchall()
+        db.close()
+        if len(rows) >= expect or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
 def test_every_predicted_image_is_stored_content_addressed_with_its_record(client, server, published_model):
     path = _one_image(published_model)
     ids = [client.post("/predict", files=_files([path])).json()["predictions"][0]["prediction_id"] for _ in range(2)]
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    rows = _committed(server, "SELECT image_sha256, model_version, probabilities, embedding FROM predictions "
+                      "WHERE prediction_id IN (?, ?)", ids, expect=2)  # the log writer commits after the answer
     assert (server.data_dir / "images" / sha[:2] / sha).read_bytes() == path.read_bytes()
-    with sqlite3.connect(server.data_dir / "predictions.sqlite3") as db:
-        rows = db.execute(f"SELECT image_sha256, model_version, probabilities, embedding FROM predictions "
-                          f"WHERE prediction_id IN (?, ?)", ids).fetchall()
     assert len(rows) == 2 and all(r[0] == sha and r[1] == published_model.version for r in rows)
     assert all(len(json.loads(r[2])) == 3 and r[3] for r in rows)
 

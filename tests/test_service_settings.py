@@ -45,3 +45,15 @@ def test_cpu_runs_single_threaded_calls_side_by_side_and_gpu_keeps_ort_threads()
     assert ort_threads == 1 and calls >= 1
     assert s.resolved_inference_threads(gpu=True) == (None, 2)
     assert load_service_settings(environ={"CNNLOOP_ORT_THREADS": "4"}).resolved_inference_threads(gpu=False)[0] == 4
+
+
+def test_an_s3_data_dir_without_a_log_database_is_refused_naming_cnnloop_log_url():
+    from service.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="set CNNLOOP_LOG_URL"):
+        load_service_settings(environ={"CNNLOOP_DATA_DIR": "s3://bucket/svc"})
+    with pytest.raises(ConfigError, match="not a database URL") as e:
+        load_service_settings(environ={"CNNLOOP_LOG_URL": "mysql://u:hunter2@db/x"})
+    assert "hunter2" not in str(e.value)
+    ok = load_service_settings(environ={"CNNLOOP_DATA_DIR": "s3://bucket/svc", "CNNLOOP_LOG_URL": "postgresql://u:p@db/x"})
+    assert ok.log_url == "postgresql://u:p@db/x"
