@@ -4,7 +4,7 @@ from __future__ import annotations
 import typer
 
 from training.cli import data_cmd, demo_cmd, export_cmd, registry_cmd, train_cmd
-from training.cli import drift_cmd, retrain_cmd, serve_cmd
+from training.cli import drift_cmd, log_cmd, retrain_cmd, serve_cmd
 
 app = typer.Typer(
     name="cnnloop",
@@ -23,6 +23,7 @@ drift_cmd.register(app)
 retrain_cmd.register(app)
 
 app.add_typer(registry_cmd.app, name="registry")
+app.add_typer(log_cmd.app, name="log")
 
 
 def main() -> None:

@@ -27,6 +27,10 @@ REGISTRY_OPTION = typer.Option(None, "--registry", show_default=False,
 DATA_DIR_OPTION = typer.Option(None, "--data-dir", show_default=False,
                                help="The service's prediction/feedback log and stored inputs: a local path or s3://bucket/prefix "
                                "(env CNNLOOP_DATA_DIR; default ./data/service).")
+LOG_URL_OPTION = typer.Option(None, "--log-url", show_default=False,
+                              help="Database of the prediction log: postgresql://user:password@host:5432/db (replicas and the "
+                              "retrain job share one) or sqlite:///path (env CNNLOOP_LOG_URL, better for a password; default: "
+                              "a SQLite file in a local data dir).")
 S3_ENDPOINT_OPTION = typer.Option(None, "--s3-endpoint-url", show_default=False,
                                   help="S3 API endpoint of an S3-compatible store (MinIO, Ceph, moto...), http(s)://host:port "
                                   "(env CNNLOOP_S3_ENDPOINT_URL; unset: AWS_ENDPOINT_URL or AWS itself).")
@@ -54,12 +58,15 @@ def guarded() -> Iterator[None]:
         fail(str(e), EXIT_BAD_INPUT)
 
 
-def store_locations(registry: str | None, s3_endpoint_url: str | None, data_dir: str | None = None):
-    """The StoreLocations of the flags over CNNLOOP_* env over defaults; TrainingError (exit 2 under `guarded`) if bad."""
+def store_locations(registry: str | None, s3_endpoint_url: str | None, data_dir: str | None = None, log_url: str | None = None,
+                    with_log: bool = False):
+    """The StoreLocations of the flags over CNNLOOP_* env over defaults; TrainingError (exit 2 under `guarded`) if bad.
+    `with_log`: the command reads or writes the prediction log, so an s3:// data dir needs a log URL."""
     from exporters.locations import load_store_locations
     from training.errors import TrainingError
 
-    return load_store_locations({"registry": registry, "s3_endpoint_url": s3_endpoint_url, "data_dir": data_dir}, TrainingError)
+    given = {"registry": registry, "s3_endpoint_url": s3_endpoint_url, "data_dir": data_dir, "log_url": log_url}
+    return load_store_locations(given, TrainingError, with_log=with_log)
 
 
 def emit_json(obj: Any, path: str | None = None) -> None:

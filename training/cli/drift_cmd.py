@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from training.cli import loop_options as opt
-from training.cli.common import (DATA_DIR_OPTION, EXIT_CHECK_FAILED, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, fail,
+from training.cli.common import (DATA_DIR_OPTION, LOG_URL_OPTION, EXIT_CHECK_FAILED, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, fail,
                                  guarded)
 
 console = Console(stderr=True)
@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
         png: Path = typer.Option(None, "--png", help="Write a PNG of the report (classes, confidence, embeddings, tests)."),
         fail_on_drift: bool = typer.Option(False, "--fail-on-drift", help="Exit 1 when drift is detected (for alerting scripts)."),
         config: Path = opt.CONFIG, registry: str = REGISTRY_OPTION, data_dir: str = DATA_DIR_OPTION,
-        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION, log_url: str = LOG_URL_OPTION,
     ) -> None:
         """Compare logged predictions of the production model with its bundle's reference statistics.
 
@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from training.retrain.job import drift_check, open_log
 
         with guarded():
-            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url)
+            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url, log_url)
             start = opt.parse_since(since, time.time()) if since else None
             reg = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
             log = open_log(settings)

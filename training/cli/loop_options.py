@@ -35,8 +35,10 @@ def parse_since(text: str, now: float) -> float:
     return t.timestamp()
 
 
-def loop_settings(config: Path | None, registry: str | None, data_dir: str | None, s3_endpoint_url: str | None, **more: Any):
+def loop_settings(config: Path | None, registry: str | None, data_dir: str | None, s3_endpoint_url: str | None,
+                  log_url: str | None = None, **more: Any):
     """LoopSettings from --config < CNNLOOP_* env < these flags (None = not given)."""
     from training.retrain.settings import load_loop_settings
 
-    return load_loop_settings(config, {"registry": registry, "data_dir": data_dir, "s3_endpoint_url": s3_endpoint_url, **more})
+    return load_loop_settings(config, {"registry": registry, "data_dir": data_dir, "s3_endpoint_url": s3_endpoint_url,
+                                       "log_url": log_url, **more})

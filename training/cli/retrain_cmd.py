@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from training.cli import loop_options as opt
-from training.cli.common import DATA_DIR_OPTION, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, err_console, guarded
+from training.cli.common import DATA_DIR_OPTION, LOG_URL_OPTION, REGISTRY_OPTION, S3_ENDPOINT_OPTION, emit_json, err_console, guarded
 
 console = Console(stderr=True)
 
@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
                                    "(env CNNLOOP_DEVICE; default auto)."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         config: Path = opt.CONFIG, registry: str = REGISTRY_OPTION, data_dir: str = DATA_DIR_OPTION,
-        s3_endpoint_url: str = S3_ENDPOINT_OPTION,
+        s3_endpoint_url: str = S3_ENDPOINT_OPTION, log_url: str = LOG_URL_OPTION,
     ) -> None:
         """Check drift on the production model's traffic, decide by policy, and when it says so: fine-tune
         a challenger from the production weights on the original data + labeled feedback, export it,
@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from training.retrain.job import retrain_once
 
         with guarded():
-            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url, original_data=original_data, work_dir=work_dir,
+            settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url, log_url, original_data=original_data, work_dir=work_dir,
                                          epochs=epochs, device=device)
             resolve_device(settings.device)  # before the first pass: under --every a pass failing on it would only be logged
             interval = opt.parse_duration(every) if every else None

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import typer
 
-from training.cli.common import (DATA_DIR_OPTION, EXIT_BAD_INPUT, REGISTRY_OPTION, S3_ENDPOINT_OPTION, fail, guarded,
+from training.cli.common import (DATA_DIR_OPTION, LOG_URL_OPTION, EXIT_BAD_INPUT, REGISTRY_OPTION, S3_ENDPOINT_OPTION, fail, guarded,
                                  store_locations)
 
 # Flag name -> settings field; the value is passed as CNNLOOP_<FIELD>.
-_SETTING_FLAGS = ("registry", "data_dir", "s3_endpoint_url", "alias", "poll_interval_s", "batch_max_size",
+_SETTING_FLAGS = ("registry", "data_dir", "s3_endpoint_url", "log_url", "alias", "poll_interval_s", "batch_max_size",
                   "batch_max_latency_ms", "store_sample_rate", "max_body_bytes", "max_files", "variant")
 _LOCAL_PATH_SETTINGS = ("REGISTRY", "DATA_DIR", "BUNDLE_CACHE_DIR", "CONFIG")
 
@@ -77,6 +77,7 @@ def register(app: typer.Typer) -> None:
         registry: str = REGISTRY_OPTION,
         data_dir: str = DATA_DIR_OPTION,
         s3_endpoint_url: str = S3_ENDPOINT_OPTION,
+        log_url: str = LOG_URL_OPTION,
         config: Path = typer.Option(None, "--config", help="YAML file of service settings (keys as ServiceSettings fields)."),
         alias: str = typer.Option(None, "--alias", help="Registry alias to serve and follow (default production)."),
         poll_interval_s: float = typer.Option(None, "--poll-interval", help="Seconds between alias checks; 0 = never."),
@@ -101,7 +102,7 @@ def register(app: typer.Typer) -> None:
         with guarded():
             # The worker validates every setting again; the locations are checked here too, so a bad
             # --registry or --s3-endpoint-url exits 2 at once instead of inside `bentoml serve`.
-            store_locations(registry, s3_endpoint_url, data_dir)
+            store_locations(registry, s3_endpoint_url, data_dir, log_url, with_log=True)
             env = serve_environment(flags, extra, config.resolve() if config else None)
         root = _repo_root()
         cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:CnnloopService",

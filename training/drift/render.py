@@ -45,6 +45,9 @@ def print_report(report: dict, console: Console) -> None:
                       + ("" if fb["enough"] else " (too few labels for a verdict)"), highlight=False)
     else:
         console.print("feedback accuracy: no labeled predictions in the window")
+    if fb.get("without_image"):
+        console.print(f"[yellow]{fb['without_image']} feedback label(s) are on predictions whose image was not stored "
+                      "(store_sample_rate < 1): they count above but no retrain can learn from them[/]", highlight=False)
     changes = report["label_changes"]
     if changes is not None:
         console.print(f"label changes: {changes['count']} feedback event(s), "

@@ -49,6 +49,8 @@ class LiveWindow:
     last_at: float | None
     model_versions: list[str]
     label_changes: LabelChanges | None = None  # the feedback events on these predictions; None: not read
+    # Labeled predictions whose image was not stored (store_sample_rate < 1): they count for accuracy, never for a retrain.
+    feedback_without_image: int = 0
 
 
 def load_reference_set(bundle_dir: Path) -> ReferenceSet:
@@ -93,6 +95,7 @@ def window_from_records(records: list, reference: ReferenceSet, label_changes: L
         first_at=min((r.created_at for r in records), default=None), last_at=max((r.created_at for r in records), default=None),
         model_versions=sorted({r.model_version for r in records}),
         label_changes=label_changes,
+        feedback_without_image=sum(1 for r in records if r.feedback_label and not r.image_stored),
     )
 
 
@@ -129,7 +132,8 @@ def build_report(reference: ReferenceSet, window: LiveWindow, *, alpha: float = 
         "reference": {"n": len(reference.probs), "val_accuracy": _finite(reference.val_accuracy),
                       "temperature": reference.temperature},
         "alpha": alpha, "min_samples": min_samples,
-        "feedback": feedback_section(reference, window, min_feedback, accuracy_margin),
+        "feedback": {**feedback_section(reference, window, min_feedback, accuracy_margin),
+                     "without_image": window.feedback_without_image},
         # An audit beside the verdict: labels changed often mean unsure labellers, and so noisy retraining data.
         "label_changes": window.label_changes.as_dict() if window.label_changes is not None else None,
     }

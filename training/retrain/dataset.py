@@ -120,5 +120,7 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: di
     val_set = concat([decoded["val"], fb["val"]], classes, size)
     counts = {"original": {k: (len(v) if v is not None else 0) for k, v in decoded.items()},
               "feedback": {k: len(v) for k, v in fb.items()}, "feedback_repeat": repeat,
-              "skipped_images": len(skipped)}
+              "skipped_images": len(skipped),
+              # Feedback on predictions whose image was not stored: reported, since no retrain can use it.
+              "feedback_without_image": log.feedback_without_image()}
     return RetrainData(Splits(train, val_set, decoded.get("test"), skipped, carved=[]), fb["holdout"], counts)

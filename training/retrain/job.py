@@ -35,7 +35,7 @@ def open_log(settings: LoopSettings):
     if not settings.data_is_s3 and not Path(settings.data_dir).is_dir():
         raise TrainingError(f"data dir {settings.data_dir} does not exist; point --data-dir (CNNLOOP_DATA_DIR) at the "
                             "service's data dir, where it logs predictions and feedback")
-    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url)
+    return open_prediction_log(settings.data_dir, settings.s3_endpoint_url, settings.log_url)
 
 
 def drift_check(settings: LoopSettings, registry: Registry, log, since: float | None = None,

@@ -10,13 +10,13 @@ from typing import Any
 
 from pydantic import Field
 
-from exporters.locations import StoreLocations
+from exporters.locations import LogLocations
 from exporters.settings_loader import load_settings
 from training.devices import DEVICE_CHOICES, Device
 from training.errors import TrainingError
 
 
-class LoopSettings(StoreLocations):
+class LoopSettings(LogLocations):
     """registry, data_dir and s3_endpoint_url come from StoreLocations, shared with the service."""
 
     work_dir: Path = Field(Path("./data/retrain"), description="local scratch: fetched bundles, feedback images, challenger runs")
