@@ -17,8 +17,8 @@ import pytest
 
 
 from tests.k8s_render import (
-    GPU_TARGETS, K8S, RETRAIN_COMMAND, ROOT, TARGETS, TRAIN_IMAGE, TRAIN_UID, retrain_pod_spec, service_pod_spec, containers,
-    dangling_config_refs, find, one, pod_template, render_dir, rendered, schema_violations,
+    GPU_TARGETS, K8S, RETRAIN_COMMAND, ROOT, RULES, TARGETS, TRAIN_IMAGE, TRAIN_UID, retrain_pod_spec, service_pod_spec,
+    containers, dangling_config_refs, find, one, pod_template, render_dir, rendered, schema_violations,
 )
 
 
@@ -116,12 +116,13 @@ def test_every_pod_is_covered_by_a_network_policy(target):
             assert any(s.items() <= labels.items() for s in selectors), f"{obj['kind']}/{obj['metadata']['name']}"
 
 
-def test_service_network_policy_admits_only_port_3000_and_sends_only_dns_and_https():
+def test_service_network_policy_admits_only_port_3000_and_sends_only_dns_https_and_postgres():
     policy = one(rendered("base"), "NetworkPolicy", "cnnloop")
     ingress_ports = {(p["port"], p["protocol"]) for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     egress_ports = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
     assert ingress_ports == {(3000, "TCP")}
-    assert egress_ports == {(53, "UDP"), (53, "TCP"), (443, "TCP")}
+    # 5432: the log's PostgreSQL (CNNLOOP_LOG_URL), managed and outside the cluster or the postgres component
+    assert egress_ports == {(53, "UDP"), (53, "TCP"), (443, "TCP"), (5432, "TCP")}
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
 
@@ -131,7 +132,7 @@ def test_placeholder_secret_fails_closed_in_the_service_settings():
 
     secret = one(rendered("base"), "Secret")
     env = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert all(v == "REPLACE-ME" for v in env.values()), env
+    assert all("REPLACE-ME" in v for v in env.values()), env
     with pytest.raises(ConfigError, match="at least 16 characters"):
         load_service_settings(environ=env)
 
@@ -241,12 +242,130 @@ def test_servicemonitor_component_scrapes_the_service_metrics_port(tmp_path):
 
 
 def test_a_private_overlay_replaces_the_placeholder_secret(tmp_path):
-    (tmp_path / "secrets.env").write_text("CNNLOOP_API_TOKEN=" + "a" * 24 + "\nCNNLOOP_PREDICT_TOKEN=\n")
+    (tmp_path / "secrets.env").write_text("CNNLOOP_API_TOKEN=" + "a" * 24 + "\nCNNLOOP_PREDICT_TOKEN=\n"
+                                          "CNNLOOP_LOG_URL=postgresql://cnnloop:pw@db.example.com:5432/cnnloop\n")
     objs = _overlay(tmp_path, "resources: [K8S/overlays/gpu]\nsecretGenerator:\n"
                               "  - {name: cnnloop-secrets, behavior: replace, envs: [secrets.env]}\n")
     secret = one(objs, "Secret")
-    assert set(secret["data"]) == {"CNNLOOP_API_TOKEN", "CNNLOOP_PREDICT_TOKEN"}
+    assert set(secret["data"]) == {"CNNLOOP_API_TOKEN", "CNNLOOP_PREDICT_TOKEN", "CNNLOOP_LOG_URL"}
     refs = {e["valueFrom"]["secretKeyRef"]["name"] for _, c, _ in containers(objs)
             for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
     assert refs == {secret["metadata"]["name"]}
     assert dangling_config_refs(objs) == []  # the AWS key refs are optional: IRSA needs none
+
+
+# --- tests: the prediction log's database and the postgres component ----------------------------------
+
+# Rules written for cnnloop's own containers, replaced for the third-party postgres container by the
+# postgres-specific tests below: "probes" looks only at the service image's containers, "ConfigMap attached"
+# wants cnnloop's settings (postgres reads none of them), "writable paths mounted" checks CNNLOOP_WORK_DIR.
+CNNLOOP_ONLY_RULES = {"probes", "ConfigMap attached", "writable paths mounted"}
+
+
+@pytest.fixture(scope="module")
+def with_postgres(tmp_path_factory) -> list[dict]:
+    """The cpu overlay plus the postgres component, as a private overlay would add it."""
+    return _overlay(tmp_path_factory.mktemp("postgres"),
+                    "resources: [K8S/overlays/cpu]\ncomponents: [K8S/components/postgres]\n")
+
+
+def _postgres(objs: list[dict]) -> tuple[dict, dict]:
+    statefulset = one(objs, "StatefulSet", "cnnloop-postgres")
+    return statefulset, statefulset["spec"]["template"]["spec"]["containers"][0]
+
+
+def _secret_values(objs: list[dict]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in one(objs, "Secret")["data"].items()}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_service_and_retrain_read_the_log_url_from_the_secret(target):
+    objs = rendered(target)
+    for spec in (service_pod_spec(objs), retrain_pod_spec(objs)):
+        ref = next(e for e in spec["containers"][0]["env"] if e["name"] == "CNNLOOP_LOG_URL")["valueFrom"]["secretKeyRef"]
+        assert ref["key"] == "CNNLOOP_LOG_URL" and not ref.get("optional")  # without it each pod keeps its own log
+        assert ref["name"] == one(objs, "Secret")["metadata"]["name"]
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_postgres_component_is_opt_in(target):
+    assert find(rendered(target), "StatefulSet") == []
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_postgres_component_passes_the_rules_every_target_gets(with_postgres, rule):
+    objs = json.loads(json.dumps(with_postgres))
+    if rule in CNNLOOP_ONLY_RULES:
+        objs = [o for o in objs if o["kind"] != "StatefulSet"]  # cnnloop's own containers still get it
+    assert RULES[rule](objs) == []
+
+
+def test_postgres_probes_ask_pg_isready(with_postgres):
+    _, container = _postgres(with_postgres)
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "pg_isready" in " ".join(container[probe]["exec"]["command"]), probe
+
+
+def test_postgres_writes_only_to_mounted_volumes(with_postgres):
+    statefulset, container = _postgres(with_postgres)
+    mounts = {m["name"]: Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+    pgdata = Path(env["PGDATA"])
+    assert [name for name, path in mounts.items() if path in pgdata.parents] == ["data"] and "data" in claims, \
+        "PGDATA must live on the PVC, in a subdirectory of its mount"
+    for path in (Path("/var/run/postgresql"), Path("/tmp")):
+        assert path in mounts.values(), f"{path} is on the read-only root filesystem"
+
+
+def test_postgres_refuses_the_placeholder_password(with_postgres, tmp_path):
+    _, container = _postgres(with_postgres)
+    assert container["command"] == ["/bin/sh", "-c"]
+    entrypoint = tmp_path / "docker-entrypoint.sh"  # stands in for the image's, which would init and serve
+    entrypoint.write_text("#!/bin/sh\necho started \"$@\"\n")
+    entrypoint.chmod(0o755)
+    placeholder = _secret_values(with_postgres)["POSTGRES_PASSWORD"]
+    for password, started in ((placeholder, False), ("", False), ("b" * 24, True)):
+        env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "POSTGRES_PASSWORD": password}
+        proc = subprocess.run(["/bin/sh", "-c", container["args"][0]], env=env, capture_output=True, text=True, timeout=30)
+        assert (proc.returncode == 0 and proc.stdout.strip() == "started postgres") == started, (password, proc)
+
+
+def test_postgres_service_selects_the_statefulset_pods(with_postgres):
+    statefulset, container = _postgres(with_postgres)
+    service = one(with_postgres, "Service", statefulset["spec"]["serviceName"])
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert statefulset["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service_pods = one(with_postgres, "Deployment", "cnnloop")["spec"]["template"]["metadata"]["labels"]
+    assert not service["spec"]["selector"].items() <= service_pods.items()
+    target = service["spec"]["ports"][0]["targetPort"]
+    assert target in {p["name"] for p in container["ports"]}
+
+
+def test_only_cnnloop_pods_reach_postgres_and_they_may(with_postgres):
+    statefulset, _ = _postgres(with_postgres)
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    policy = next(p for p in find(with_postgres, "NetworkPolicy")
+                  if p["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items())
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not policy["spec"].get("egress")
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 5432, "protocol": "TCP"}]
+    admitted = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert admitted == [{"app.kubernetes.io/name": "cnnloop", "app.kubernetes.io/component": c} for c in ("service", "train")]
+    for name in ("cnnloop", "cnnloop-train"):  # their own egress policies let them out to it (any address, as for a managed one)
+        egress = one(with_postgres, "NetworkPolicy", name)["spec"]["egress"]
+        assert any({"port": 5432, "protocol": "TCP"} in r["ports"] and not r.get("to") for r in egress), name
+
+
+def test_placeholder_log_url_points_at_the_postgres_service(with_postgres):
+    from urllib.parse import urlsplit
+
+    statefulset, container = _postgres(with_postgres)
+    url = urlsplit(_secret_values(with_postgres)["CNNLOOP_LOG_URL"])
+    service = one(with_postgres, "Service", "cnnloop-postgres")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert url.scheme == "postgresql"
+    assert (url.hostname, url.port) == (service["metadata"]["name"], service["spec"]["ports"][0]["port"])
+    assert (url.username, url.path.lstrip("/")) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    assert url.password == _secret_values(with_postgres)["POSTGRES_PASSWORD"]  # both placeholders, replaced together
