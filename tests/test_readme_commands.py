@@ -57,6 +57,8 @@ NOT_RUN = {
     "kubectl apply -k k8s/overlays/gpu-train -n cnnloop": "needs a cluster; the overlay is rendered here",
     "kubectl -n cnnloop logs -f job/cnnloop-train": "needs a cluster",
     "cnnloop registry promote VERSION": "the same command as `registry promote v20261124-...`, run here",
+    "cnnloop log import-s3 --data-dir s3://bucket/svc": "needs an S3 log of the pre-SQL layout and a database: "
+        "tests/test_prediction_log.py runs it against a moto S3 server and a real PostgreSQL",
 }
 # README commands the tests below run (Workspace.line refuses any other).
 RUN = (
@@ -77,6 +79,7 @@ RUN = (
     "curl -F images=@ant.jpg -F images=@bee.jpg localhost:3000/predict",
     "curl -H 'content-type: application/json' -d '{\"prediction_id\": \"...\", \"label\": \"bees\"}' localhost:3000/feedback",
     "cnnloop drift --last 500 --png drift.png",
+    "cnnloop log info",
     "cnnloop retrain",
     "cnnloop retrain --force",
     "cnnloop retrain --every 1h",
@@ -269,6 +272,13 @@ def test_drift_reports_on_the_served_traffic_and_draws_it(ws):
     out = ws.readme("cnnloop drift --last 500 --png drift.png")
     assert (ws.root / "drift.png").stat().st_size > 0
     assert re.search(r"drift", out, re.I) and "insufficient data" not in out.lower()
+
+
+def test_log_info_shows_the_served_traffic(ws):
+    out = ws.readme("cnnloop log info")
+    assert re.search(r"schema version: \d", out), out[-2000:]
+    predictions = int(re.search(r"predictions: (\d+)", out).group(1))
+    assert predictions >= 12, out[-2000:]  # what the drift test above sent, committed by the service's log writer
 
 
 def test_retrain_pass_decides_and_exits_zero(ws):

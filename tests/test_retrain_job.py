@@ -1,4 +1,4 @@
-"""The retrain job end to end on real (small) models: a real registry, a real SQLite prediction log,
+"""The retrain job end to end on real (small) models: a real registry, a real prediction log (SQLite and PostgreSQL),
 real ONNX predictions as the logged traffic. Slow-ish: each test trains for a few seconds."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from service.metrics import ServiceMetrics
 from service.request_validation import FeedbackIn, Upload
 from service.runtime import ServingRuntime
 from service.settings import load_service_settings
+from tests.log_backends import backend, log_url_for  # noqa: F401  (fixture: every test on SQLite and PostgreSQL)
 from tests.training_data import fast_config, make_digits
 from training.retrain import audit
 from training.retrain.gate import Holdout, promotion_verdict, score_bundle
@@ -55,15 +56,15 @@ def champion(tmp_path_factory):
 
 
 @pytest.fixture
-def loop(champion, tmp_path):
-    """A fresh registry copy (production = the champion) and an empty prediction log per test."""
+def loop(champion, tmp_path, request, backend):
+    """A fresh registry copy (production = the champion) and an empty prediction log per test, on each log backend."""
     registry_dir = tmp_path / "registry"
     shutil.copytree(champion["registry_dir"], registry_dir)
     Registry.open(str(registry_dir)).promote(champion["version"])
     # test_tolerance 0.1: the original test split here is 16 images, one of them is 6 points.
     settings = LoopSettings(registry=str(registry_dir), data_dir=str(tmp_path / "data"), work_dir=tmp_path / "work",
                             window=100, min_samples=60, min_new_labels=20, cooldown_s=0, permutations=200, epochs=3,
-                            variants="none", device="cpu", test_tolerance=0.1)
+                            variants="none", device="cpu", test_tolerance=0.1, log_url=log_url_for(request, backend))
     return settings, Registry.open(str(registry_dir))
 
 
@@ -80,7 +81,7 @@ def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, 
     """The service's own runtime serves the images (the production graph; records and bytes logged as
     in production), then the client's true labels come back as feedback. Returns the accuracy served."""
     service_settings = load_service_settings(environ={}, overrides={
-        "registry": settings.registry, "data_dir": settings.data_dir, "variant": "fp32", "prefer_gpu": False,
+        "registry": settings.registry, "data_dir": settings.data_dir, "log_url": settings.log_url, "variant": "fp32", "prefer_gpu": False,
         "poll_interval_s": 0, "store_sample_rate": 1.0, "bundle_cache_dir": settings.work_dir / "client-bundles"})
     uploads = [Upload(f"{i}.png", png_bytes(path, shift)) for i, (path, _) in enumerate(items)]
 
@@ -156,6 +157,8 @@ def test_the_lock_keeps_a_second_run_out(champion, loop):
     assert registry.resolve("production") == champion["version"]
 
 
+# The promotion gate and the warm start, not the log, are under test: one backend is enough (CI minutes).
+@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(champion, loop, tmp_path):
     settings, registry = loop
     shuffled = tmp_path / "shuffled"
@@ -191,6 +194,8 @@ def republish_in_old_layout(registry: Registry, version: str, work: Path) -> str
     return registry.publish(old, metadata)
 
 
+# The promotion gate and the warm start, not the log, are under test: one backend is enough (CI minutes).
+@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_champion_published_with_the_old_weight_names_still_warm_starts_a_retrain(champion, loop):
     settings, registry = loop
     old = republish_in_old_layout(registry, champion["version"], settings.work_dir / "old")

@@ -167,6 +167,8 @@ def test_info_shows_the_model_and_the_providers_actually_used(client, published_
     assert info["model"]["labels"] == published_model.classes
     assert "CPUExecutionProvider" in info["providers"]
     assert info["settings"]["auth"] == {"api_token": False, "predict_token": False}
+    assert info["log"]["database"].startswith("sqlite:///") and info["log"]["queued"] >= 0
+    assert info["log"]["queue_size"] == info["settings"]["log_queue_size"] > 0  # off the request path by default
 
 
 # bad input -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from exporters.registry import Registry
 from training.config import load_train_config
 from training.datasets import discover
 from training.demo.service_process import start_service
-from training.demo.traffic import send_images, split_pool, wait_for_version
+from training.demo.traffic import send_images, split_pool, wait_for_version, wait_until_logged
 from training.digits import write_digits
 from training.run_to_bundle import publish_run
 from training.retrain.job import drift_check, report_summary, retrain_once
@@ -99,6 +99,7 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
         console.print(f"clean traffic: {clean_stream.n} predictions with feedback (accuracy {clean_stream.accuracy:.3f}), "
                       f"{clean_before.n} evaluation images (accuracy {clean_before.accuracy:.3f})")
 
+        wait_until_logged(client)
         console.rule("4. retrain check on clean traffic (expect: no drift, no retrain)")
         first = retrain_once(settings, console, show_progress=show_progress)
 
@@ -108,6 +109,7 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
         console.print(f"shifted traffic: {shifted_stream.n} predictions with feedback (accuracy {shifted_stream.accuracy:.3f}), "
                       f"{shifted_before.n} evaluation images (accuracy {shifted_before.accuracy:.3f})")
 
+        wait_until_logged(client)
         console.rule("6. drift report")
         from exporters.prediction_log import open_prediction_log
         from training.drift.render import plot_report, print_report

@@ -55,6 +55,16 @@ def send_images(client: httpx.Client, paths: list[Path], labels: list[str], inve
     return TrafficResult(len(paths), correct, sorted(versions))
 
 
+def wait_until_logged(client: httpx.Client, timeout_s: float = 60) -> None:
+    """Wait until the service's log writer has committed every prediction it answered (GET /info: log.queued),
+    so a drift check that follows sees exactly the traffic sent."""
+    deadline = time.monotonic() + timeout_s
+    while (client.get("/info").json().get("log") or {}).get("queued", 0) > 0:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the service's prediction log did not drain within {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
 def wait_for_version(client: httpx.Client, version: str, timeout_s: float = 120) -> float:
     """Ask the service to re-check its alias, then wait until it serves `version`; returns seconds waited."""
     t0 = time.monotonic()
