@@ -15,7 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 
 from exporters import log_schema as schema
 from exporters.prediction_log import PredictionRecord
@@ -87,4 +87,7 @@ def import_legacy_s3_log(store: Store, log: SqlPredictionLog, progress: Callable
     if new_uploads:
         with log.engine.begin() as conn:
             conn.execute(insert(schema.labeled_uploads), new_uploads)
+    # A bulk load leaves the planner without statistics until autovacuum runs: gather them now.
+    with log.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("ANALYZE"))
     return ImportCounts(n_pred, n_events, len(new_uploads), skipped + len(uploads) - len(new_uploads))

@@ -30,6 +30,8 @@ SQLITE_FILE = "predictions.sqlite3"
 _COLUMNS = [c.name for c in schema.predictions.columns]
 # SQLite's default bound on `?` parameters is 999 before 3.32: query id sets in chunks below it.
 _IDS_PER_QUERY = 500
+# SQLAlchemy's insertmanyvalues sends up to this many rows in one INSERT statement (its default page size).
+_ROWS_PER_STATEMENT = 1000
 # Any constant: the key of the advisory lock replicas take while one of them migrates the schema.
 _MIGRATION_LOCK = 0x636E6E6C6F6F70
 
@@ -139,8 +141,15 @@ class SqlPredictionLog:
     def add_predictions(self, records: list[PredictionRecord]) -> None:
         if records:
             # ON CONFLICT DO NOTHING: a batch retried after a commit whose answer was lost lands once.
+            rows = [row_values(r) for r in records]
+            if self.dialect == "postgresql" and len(rows) <= _ROWS_PER_STATEMENT:
+                # One multi-row statement is atomic by itself: autocommit saves BEGIN and COMMIT, two of
+                # its three round trips.
+                with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                    conn.execute(self._insert_new(schema.predictions), rows)
+                return
             with self.engine.begin() as conn:
-                conn.execute(self._insert_new(schema.predictions), [row_values(r) for r in records])
+                conn.execute(self._insert_new(schema.predictions), rows)
 
     def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None:
         p = schema.predictions
@@ -213,11 +222,16 @@ class SqlPredictionLog:
                     model_version: str | None = None) -> list[PredictionRecord]:
         """The window, oldest first: newest-first index scans, so `last=N` reads N rows whatever the log's size."""
         p = schema.predictions
-        query = select(p).order_by(p.c.created_at.desc(), p.c.prediction_id.desc())
+        order = [p.c.created_at.desc(), p.c.prediction_id.desc()]
+        query = select(p)
         if since is not None:
             query = query.where(p.c.created_at >= since)
         if model_version is not None:
+            # The order of predictions_model_window itself: the planner walks that index whatever share
+            # of the log the version has, instead of scanning the time index and filtering.
             query = query.where(p.c.model_version == model_version)
+            order.insert(0, p.c.model_version.desc())
+        query = query.order_by(*order)
         if last:
             query = query.limit(int(last))
         with self.engine.connect() as conn:

@@ -92,7 +92,10 @@ class LogWriter:
             self._submitted_seq += 1
             self._pending.update(r.prediction_id for r in records)
             self.metrics.log_queue.set(self._queued)
-            self._cond.notify_all()
+            # Wake the writer only when it has something new to decide: a first record (it waits for
+            # the batch's age) or a full batch. A wake-up per request costs GIL hand-offs on the hot path.
+            if len(self._queue) == 1 or self._in_queue >= self.batch_size:
+                self._cond.notify_all()
         return True
 
     def pending(self, prediction_id: str) -> bool:
