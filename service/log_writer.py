@@ -33,6 +33,7 @@ log = logging.getLogger("cnnloop.service.log")
 
 _MAX_BACKOFF_S = 5.0
 _RECENT_IMAGES = 50_000  # hashes remembered as stored (about 7 MB)
+_WARNING_EVERY_S = 10.0
 
 
 @dataclass
@@ -62,7 +63,9 @@ class LogWriter:
         self._recent_images: OrderedDict[str, None] = OrderedDict()
         self._image_pool = ThreadPoolExecutor(image_threads, thread_name_prefix="cnnloop-log-images")
         self._thread: threading.Thread | None = None
+        self._images_lock = threading.Lock()  # synchronous mode writes from several request threads
         self._dropped_since_warning = 0
+        self._last_warning = float("-inf")
         if capacity > 0:
             self._thread = threading.Thread(target=self._run, name="cnnloop-log-writer", daemon=True)
             self._thread.start()
@@ -145,10 +148,11 @@ class LogWriter:
     def _drop(self, n: int, reason: str) -> None:
         self.metrics.log_dropped.labels(reason).inc(n)
         self._dropped_since_warning += n
-        if self._dropped_since_warning >= 1000 or self._dropped_since_warning == n:
-            log.warning("prediction log dropped %d records (%s): the store is slower than the traffic; "
-                        "see cnnloop_log_dropped_records", self._dropped_since_warning, reason)
-            self._dropped_since_warning = 0
+        now = time.monotonic()
+        if now - self._last_warning >= _WARNING_EVERY_S:  # a log line per drop would flood the logs under load
+            log.warning("prediction log dropped %d records (%s) since the last warning: the store is slower than "
+                        "the traffic; see cnnloop_log_dropped_records", self._dropped_since_warning, reason)
+            self._dropped_since_warning, self._last_warning = 0, now
 
     def _next_batch(self) -> list[_Entry] | None:
         """Under the lock: wait for a full or old-enough batch; None when closed and drained."""
@@ -192,13 +196,15 @@ class LogWriter:
                 self._cond.notify_all()
 
     def _store_images(self, images: list[tuple[str, bytes]]) -> None:
-        todo = {sha: data for sha, data in images if sha not in self._recent_images}
+        with self._images_lock:
+            todo = {sha: data for sha, data in images if sha not in self._recent_images}
         for future in [self._image_pool.submit(self.log.store_image, sha, data) for sha, data in todo.items()]:
             future.result()
-        for sha in todo:
-            self._recent_images[sha] = None
-            if len(self._recent_images) > _RECENT_IMAGES:
-                self._recent_images.popitem(last=False)
+        with self._images_lock:
+            for sha in todo:
+                self._recent_images[sha] = None
+                if len(self._recent_images) > _RECENT_IMAGES:
+                    self._recent_images.popitem(last=False)
 
     def _write_now(self, records: list[PredictionRecord], images: list[tuple[str, bytes]]) -> bool:
         try:
