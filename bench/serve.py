@@ -27,6 +27,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -113,8 +114,10 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
 
 # load generator ------------------------------------------------------------------------------
 
-async def _closed_loop(url: str, field: str, images: list[tuple[str, bytes]], concurrency: int,
-                       seconds: float, warmup_s: float, headers: dict | None = None) -> dict:
+async def closed_loop(url: str, field: str, images: list[tuple[str, bytes]], concurrency: int,
+                      seconds: float, warmup_s: float, headers: dict | None = None,
+                      on_answer: Callable[[bytes], None] | None = None) -> dict:
+    """Closed loop of `concurrency` clients, one image per request; `on_answer(body)` sees every 200 body."""
     import aiohttp
 
     latencies: list[float] = []
@@ -137,11 +140,13 @@ async def _closed_loop(url: str, field: str, images: list[tuple[str, bytes]], co
                 t0 = time.perf_counter()
                 try:
                     async with session.post(url, data=form, headers=headers) as resp:
-                        await resp.read()
+                        body = await resp.read()
                         ok = resp.status == 200
                 except aiohttp.ClientError:
                     ok = False
                 t1 = time.perf_counter()
+                if ok and on_answer is not None:
+                    on_answer(body)
                 if t0 >= measure_from and t1 <= stop_at:
                     if ok:
                         latencies.append(t1 - t0)
@@ -162,7 +167,7 @@ async def _closed_loop(url: str, field: str, images: list[tuple[str, bytes]], co
 def load_test(url: str, field: str, images, levels, seconds: float, warmup_s: float) -> list[dict]:
     rows = []
     for c in levels:
-        row = asyncio.run(_closed_loop(url, field, images, c, seconds, warmup_s))
+        row = asyncio.run(closed_loop(url, field, images, c, seconds, warmup_s))
         print(f"  {url} c={c}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms, failures {row['failures']}",
               file=sys.stderr)
         rows.append(row)
