@@ -157,8 +157,6 @@ def test_the_lock_keeps_a_second_run_out(champion, loop):
     assert registry.resolve("production") == champion["version"]
 
 
-# The promotion gate and the warm start, not the log, are under test: one backend is enough (CI minutes).
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_challenger_trained_on_shuffled_labels_is_never_promoted(champion, loop, tmp_path):
     settings, registry = loop
     shuffled = tmp_path / "shuffled"
@@ -194,8 +192,6 @@ def republish_in_old_layout(registry: Registry, version: str, work: Path) -> str
     return registry.publish(old, metadata)
 
 
-# The promotion gate and the warm start, not the log, are under test: one backend is enough (CI minutes).
-@pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_champion_published_with_the_old_weight_names_still_warm_starts_a_retrain(champion, loop):
     settings, registry = loop
     old = republish_in_old_layout(registry, champion["version"], settings.work_dir / "old")
