@@ -22,6 +22,7 @@ import pytest
 
 from exporters.prediction_log import open_prediction_log
 from tests.service_server import published_model, serve, service_env  # noqa: F401  (fixture)
+from training.demo.service_process import kill_process_tree
 
 pytestmark = pytest.mark.slow
 QUEUE_SIZE = 200
@@ -34,19 +35,6 @@ def _replica_env(model, root: Path, name: str, log_url: str, flush_ms: int = 200
                       log_flush_interval_ms=flush_ms, store_sample_rate=1.0)
     env["CNNLOOP_BUNDLE_CACHE_DIR"] = str(root / f"bundles-{name}")  # replicas share images, not unpacked bundles
     return env
-
-
-def crash(proc) -> None:
-    """SIGKILL the replica's whole process tree at once, as the kernel's OOM killer or a node loss does.
-    BentoML's worker runs in a process group of its own, so killing the arbiter's group is not enough."""
-    root = psutil.Process(proc.pid)
-    tree = [root, *root.children(recursive=True)]
-    assert len(tree) >= 2, "expected the arbiter and its worker"
-    for p in tree:
-        p.send_signal(signal.SIGKILL)
-    gone, alive = psutil.wait_procs(tree, timeout=30)
-    assert not alive, f"still running after SIGKILL: {alive}"
-    proc.wait(30)
 
 
 class Load:
@@ -125,7 +113,10 @@ def test_three_replicas_one_killed_lose_no_acknowledged_feedback_and_at_most_the
             load.unlabeled = urls[0]
             time.sleep(1.0)
             load.killed = urls[0]
-            crash(replicas[0].process)
+            assert psutil.Process(replicas[0].process.pid).children(recursive=True), "expected the arbiter and its worker"
+            alive = kill_process_tree(replicas[0].process)  # no drain, no shutdown hook: a crash
+            assert not alive, f"still running after SIGKILL: {alive}"
+            replicas[0].process.wait(30)
             killed_at = len(load.answered)
             log = open_prediction_log(str(tmp_path / "data"), log_url=postgres_url)
             committed_before_restart = {r.prediction_id for r in log.predictions()}

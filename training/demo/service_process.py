@@ -1,11 +1,12 @@
 """A service as a child process: a free port, a bounded wait on /readyz, a clean stop.
 
 The demo starts `cnnloop serve` with these; the service tests start `bentoml serve` with the same
-three helpers. The child gets its own process group so BentoML's arbiter and workers stop together,
-SIGTERM first (in-flight requests drain), SIGKILL if that hangs.
+three helpers. The child gets its own process group; a stop is SIGTERM first (in-flight requests
+drain), SIGKILL to the whole process tree if that hangs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import httpx
+import psutil
 
 from training.errors import TrainingError
 
@@ -30,16 +32,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The child and its live descendants. BentoML's worker runs in a process group of its own, so a
+    signal to the arbiter's group never reaches it: only the tree does."""
+    try:
+        root = psutil.Process(proc.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_process_tree(proc: subprocess.Popen) -> list[psutil.Process]:
+    """SIGKILL the child and every descendant at once, as the OOM killer or a lost node does: no drain.
+    Returns the processes still alive 30 s later (none, unless one is stuck in the kernel)."""
+    tree = _tree(proc)
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    proc.poll()  # reap it, so Popen knows it is gone
+    return alive
+
+
 def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's process group (BentoML's arbiter and workers), SIGKILL if it hangs."""
+    """SIGTERM to the child's process group (in-flight requests and the log queue drain), SIGKILL to the
+    whole tree if it hangs; a worker left behind by its arbiter gets a short grace, then SIGKILL."""
     if proc.poll() is not None:
         return
+    tree = _tree(proc)
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
+        kill_process_tree(proc)
+        return
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
 
 
 def _log_tail(log: Path | Callable[[], str]) -> str:
