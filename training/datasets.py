@@ -12,7 +12,8 @@ import numpy as np
 
 from training.errors import TrainingError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# .heic/.heif/.avif: phone photos; exporters.preprocess decodes them (pillow-heif, Pillow's AVIF plugin).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 SPLITS = ("train", "val", "test")
 
 

@@ -30,7 +30,8 @@ class TrafficResult:
 
 def image_bytes(path: Path, invert: bool) -> bytes:
     with Image.open(path) as im:
-        im = im.convert("L")
+        # The PNG sent carries no EXIF: apply its Orientation first, so the service sees the photo as it displays.
+        im = ImageOps.exif_transpose(im).convert("L")
         if invert:
             im = ImageOps.invert(im)
         buf = io.BytesIO()
