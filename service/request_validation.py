@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -24,11 +25,20 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True, eq=False)
+class PixelImage:
+    """A decoded RGB image sent as a uint8 (H, W, 3) array instead of a file (the OIP `pixels` input)."""
+
+    filename: str
+    pixels: np.ndarray
+
+
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    prediction_id: str = Field(min_length=1, max_length=128)
-    label: str = Field(min_length=1, max_length=256)
+    # The pattern says in the schema what stripping enforces: some non-space character.
+    prediction_id: str = Field(min_length=1, max_length=128, pattern=r"\S")
+    label: str = Field(min_length=1, max_length=256, pattern=r"\S")
 
 
 def _require_multipart(request: Request) -> None:
@@ -96,15 +106,22 @@ async def read_labeled_upload(request: Request) -> tuple[Upload, str]:
         await form.close()
 
 
+def parse_json(body: bytes):
+    """A JSON request body, or a 400 that says why not."""
+    try:
+        return json.loads(body)
+    except RecursionError:  # json recurses per nesting level: [[[[...]]]] 100k deep exhausts the stack
+        raise BadRequest("body is not usable JSON: nested too deeply", code="malformed_json") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and ints over Python's 4300-digit limit
+        raise BadRequest(f"body is not valid JSON: {e}", code="malformed_json") from None
+
+
 def parse_feedback(body: bytes, content_type: str | None) -> FeedbackIn:
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise UnsupportedMediaType(f"expected application/json, got '{media_type or 'no Content-Type'}'; "
                                    'send {"prediction_id": "...", "label": "..."}')
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRequest(f"body is not valid JSON: {e}", code="malformed_json") from None
+    payload = parse_json(body)
     if not isinstance(payload, dict):
         raise BadRequest(f'body must be a JSON object {{"prediction_id": ..., "label": ...}}, got {type(payload).__name__}',
                          code="malformed_json")

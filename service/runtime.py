@@ -26,9 +26,9 @@ from service.live_drift import LiveDrift
 from service.log_writer import LogWriter
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
-from service.predictions import (build_prediction_record, embeddings_to_log, model_input, predict_answer,
-                                 prediction_answer, top_k)
-from service.request_validation import FeedbackIn, Upload
+from service.predictions import (Classification, build_prediction_record, embeddings_to_log, model_input,
+                                 pixels_sha256, png_bytes, predict_answer, prediction_answer, top_k)
+from service.request_validation import FeedbackIn, PixelImage, Upload
 from service.settings import ServiceSettings
 
 log = logging.getLogger("cnnloop.service")
@@ -120,7 +120,8 @@ class ServingRuntime:
         self._labels_seen[new.version] = new.labels
         self._drift = LiveDrift(new.reference.class_prior, new.reference.mean_confidence, self.settings.drift_window)
 
-    def _model(self) -> LoadedModel:
+    def serving_model(self) -> LoadedModel:
+        """The model a request should use end to end (one snapshot), or NotReady."""
         model = self.models.current
         if model is None:
             raise NotReady(f"no model loaded yet: {self.models.last_error or 'still starting'}. "
@@ -129,31 +130,47 @@ class ServingRuntime:
 
     # predict ---------------------------------------------------------------------------------
 
-    def _decode(self, index: int, upload: Upload, policy: ResizePolicy) -> tuple[np.ndarray, str]:
+    def _decode(self, index: int, image: Upload | PixelImage, policy: ResizePolicy) -> tuple[np.ndarray, str]:
         start = time.perf_counter()
-        array = model_input(index, upload, policy, self.settings.max_pixels)
-        sha = hashlib.sha256(upload.data).hexdigest()
+        array = model_input(index, image, policy, self.settings.max_pixels)
+        sha = pixels_sha256(image.pixels) if isinstance(image, PixelImage) else hashlib.sha256(image.data).hexdigest()
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return array, sha
 
+    def _prepare(self, index: int, image: Upload | PixelImage, policy: ResizePolicy,
+                 store: bool) -> tuple[np.ndarray, str, bytes | None]:
+        """(model input, image sha256, the bytes the store keeps or None when this image is not stored).
+        A file is stored as sent; pixels as a PNG, encoded here only when stored (see pixels_sha256)."""
+        array, sha = self._decode(index, image, policy)
+        if not store:
+            return array, sha, None
+        return array, sha, png_bytes(image.pixels) if isinstance(image, PixelImage) else image.data
+
     async def predict(self, uploads: list[Upload]) -> dict:
-        model = self._model()  # the snapshot this request uses end to end
+        c = await self.classify(uploads)
+        answers = [prediction_answer(r, c.labels, c.probabilities[i], c.top[i]) for i, r in enumerate(c.records)]
+        return predict_answer(c.model_version, answers, c.logged)
+
+    async def classify(self, images: list[Upload | PixelImage], model: LoadedModel | None = None) -> Classification:
+        """Decode, batch, log, count: the one prediction path of /predict and the OIP infer route."""
+        model = model or self.serving_model()  # the snapshot this request uses end to end
         loop = asyncio.get_running_loop()
-        decoded = await asyncio.gather(*(loop.run_in_executor(self._decode_pool, self._decode, i, u, model.policy)
-                                         for i, u in enumerate(uploads)))
-        probs, embs = await self.batcher.run(model, np.stack([a for a, _ in decoded]))
+        store = [random.random() < self.settings.store_sample_rate for _ in images]
+        prepared = await asyncio.gather(*(
+            loop.run_in_executor(self._decode_pool, self._prepare, i, image, model.policy, s)
+            for i, (image, s) in enumerate(zip(images, store))))
+        probs, embs = await self.batcher.run(model, np.stack([array for array, _, _ in prepared]))
         now = time.time()
         top = top_k(probs, min(self.settings.top_k, len(model.labels)))
         kept, space = embeddings_to_log(embs, model.reference.project, self.settings.store_embeddings)
         records = [
             build_prediction_record(
                 prediction_id=new_record_id(now), created_at=now, model_version=model.version, labels=model.labels,
-                probabilities=probs[i], top=top[i], image_sha256=sha, filename=upload.filename,
-                image_stored=random.random() < self.settings.store_sample_rate,
-                embedding=None if kept is None else kept[i], embedding_space=space)
-            for i, (upload, (_, sha)) in enumerate(zip(uploads, decoded))
+                probabilities=probs[i], top=top[i], image_sha256=sha, filename=image.filename,
+                image_stored=stored is not None, embedding=None if kept is None else kept[i], embedding_space=space)
+            for i, (image, (_, sha, stored)) in enumerate(zip(images, prepared))
         ]
-        to_store = [(r.image_sha256, u.data) for r, u in zip(records, uploads) if r.image_stored]
+        to_store = [(sha, stored) for _, sha, stored in prepared if stored is not None]
         if not self.settings.log_predictions:
             logged = False
         elif self.writer.synchronous:
@@ -163,8 +180,7 @@ class ServingRuntime:
         self.metrics.record_predictions([r.label for r in records], [r.confidence for r in records], model.version)
         if self._drift is not None and self.models.current is model:
             self.metrics.record_drift(self._drift.observe(top[:, 0], probs[np.arange(len(top)), top[:, 0]]))
-        answers = [prediction_answer(r, model.labels, probs[i], top[i]) for i, r in enumerate(records)]
-        return predict_answer(model.version, answers, logged)
+        return Classification(model.version, model.labels, records, probs, top, logged)
 
     # feedback --------------------------------------------------------------------------------
 
@@ -172,6 +188,11 @@ class ServingRuntime:
         labels = list(self._labels_seen.get(version, [])) if version else []
         current = self.models.current
         return labels or (current.labels if current else [])
+
+    def known_labels(self) -> list[str]:
+        """Every class of every version served since start: what a feedback may name."""
+        seen = {label for labels in self._labels_seen.values() for label in labels}
+        return sorted(seen | set(self._known_labels()))
 
     def _check_label(self, label: str, version: str | None = None) -> None:
         known = self._known_labels(version)
@@ -220,7 +241,7 @@ class ServingRuntime:
         return None
 
     async def add_labeled_upload(self, upload: Upload, label: str) -> dict:
-        model = self._model()
+        model = self.serving_model()
         self._check_label(label)
         loop = asyncio.get_running_loop()
         _, sha = await loop.run_in_executor(self._decode_pool, self._decode, 0, upload, model.policy)

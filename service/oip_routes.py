@@ -1,0 +1,122 @@
+"""The Open Inference Protocol v2 routes (KServe / Triton REST) under /v2, beside cnnloop's own.
+
+Thin like the /predict route: auth (the predict token, as /predict), then `service.oip` parses the
+body, `ServingRuntime.classify` runs the very path /predict runs (decode pool, batcher, log records,
+metrics, drift), and `service.oip` encodes the answer. Errors answer in the protocol's shape
+(`http_app.oip_error_response`). Not-ready answers 503 as /readyz and /predict do (the protocol
+asks for "a 4xx"; clients test for 200). Unknown /v2 paths answer an OIP 404, wrong methods 405.
+"""
+from __future__ import annotations
+
+import functools
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
+
+from service import oip, oip_request
+from service.auth import require_bearer
+from service.errors import NotFound, ServiceError
+from service.http_app import endpoint_answering, oip_error_response
+from service.model_session import LoadedModel
+from service.openapi import service_version
+from service.runtime import ServingRuntime
+
+oip_endpoint = endpoint_answering(oip_error_response)
+NOT_SERVED = "oip_not_served"  # the catch-all route's name: it has no path of its own in the spec
+
+# A JSON part this large (UINT8 pixels as JSON lists) is parsed off the event loop: a 32 MB body takes
+# about a second of json.loads + numpy. Binary requests carry a JSON part of a few hundred bytes.
+_PARSE_INLINE_BYTES = 256 * 1024
+
+
+def _served(request: Request, rt: ServingRuntime) -> LoadedModel:
+    """The model a /v2/models/{name}[/versions/{version}] path names, or 404 (503 while none is loaded)."""
+    name = request.path_params["model_name"]
+    if name != oip.MODEL_NAME:
+        raise NotFound(f"unknown model '{name}'; this server serves one model, '{oip.MODEL_NAME}'",
+                       code="unknown_model")
+    model = rt.serving_model()
+    version = request.path_params.get("model_version")
+    if version is not None and version != model.version:
+        raise NotFound(f"model '{oip.MODEL_NAME}' version '{version}' is not being served; the served version is "
+                       f"'{model.version}' (or leave the version out)", code="unknown_model_version")
+    return model
+
+
+@oip_endpoint
+async def server_metadata(request: Request, rt: ServingRuntime) -> Response:
+    return JSONResponse(oip.server_metadata(service_version()))
+
+
+@oip_endpoint
+async def server_live(request: Request, rt: ServingRuntime) -> Response:
+    return JSONResponse({"live": True})
+
+
+@oip_endpoint
+async def server_ready(request: Request, rt: ServingRuntime) -> Response:
+    rt.serving_model()  # NotReady (503) until a model is loaded
+    return JSONResponse({"ready": True})
+
+
+@oip_endpoint
+async def model_metadata(request: Request, rt: ServingRuntime) -> Response:
+    model = _served(request, rt)
+    return JSONResponse(oip.model_metadata(model.version, model.labels))
+
+
+@oip_endpoint
+async def model_ready(request: Request, rt: ServingRuntime) -> Response:
+    model = _served(request, rt)
+    return JSONResponse({"name": oip.MODEL_NAME, "version": model.version, "ready": True})
+
+
+@oip_endpoint
+async def infer(request: Request, rt: ServingRuntime) -> Response:
+    require_bearer(request.headers.get("authorization"), rt.settings.predict_token, request.url.path)
+    model = _served(request, rt)
+    oip_request.check_media_type(request.headers.get("content-type"), request.headers.get("content-encoding"))
+    body = await request.body()
+    parse = functools.partial(oip_request.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
+                              rt.settings.max_files)
+    parsed = parse() if len(body) <= _PARSE_INLINE_BYTES else await run_in_threadpool(parse)
+    answer, header_length = oip.encode_infer_response(parsed, await rt.classify(parsed.images, model))
+    if header_length is None:
+        return Response(answer, media_type="application/json")
+    return Response(answer, media_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(header_length)})
+
+
+def _routes() -> list[Route]:
+    model, version = f"{oip.PREFIX}/models/{{model_name}}", f"{oip.PREFIX}/models/{{model_name}}/versions/{{model_version}}"
+    return [
+        Route(oip.PREFIX, server_metadata, methods=["GET"]),
+        Route(f"{oip.PREFIX}/health/live", server_live, methods=["GET"]),
+        Route(f"{oip.PREFIX}/health/ready", server_ready, methods=["GET"]),
+        Route(model, model_metadata, methods=["GET"]),
+        Route(f"{model}/ready", model_ready, methods=["GET"]),
+        Route(f"{model}/infer", infer, methods=["POST"]),
+        Route(version, model_metadata, methods=["GET"]),
+        Route(f"{version}/ready", model_ready, methods=["GET"]),
+        Route(f"{version}/infer", infer, methods=["POST"]),
+    ]
+
+
+def oip_routes() -> list[Route]:
+    """The /v2 routes, then one that answers every other /v2 request in the protocol's error shape."""
+    routes = _routes()
+
+    async def not_served(request: Request) -> Response:
+        allowed = sorted({m for r in routes if r.matches(request.scope)[0] == Match.PARTIAL for m in r.methods})
+        if allowed:
+            return oip_error_response(ServiceError(f"{request.method} is not allowed on {request.url.path}; use "
+                                                   f"{' or '.join(allowed)}", code="method_not_allowed", status=405),
+                                      headers={"Allow": ", ".join(allowed)})
+        return oip_error_response(NotFound(
+            f"no route {request.method} {request.url.path}; this server implements the Open Inference Protocol's "
+            f"health, metadata and infer routes for model '{oip.MODEL_NAME}' (binary_tensor_data extension only)",
+            code="no_such_route"))
+
+    # Needed under BentoML: its mount hands a path to this app only when one of its routes matches.
+    return [*routes, Route(f"{oip.PREFIX}/{{rest:path}}", not_served, name=NOT_SERVED)]
