@@ -1,7 +1,8 @@
 """The README's shell commands, read from README.md itself, so CI and the tests run what a user reads.
 
 A block the README marks with `<!-- readme-command: NAME -->` on the line before its ```bash fence
-is a named command: `main` (set up and run the demo) and `tests`. `.ci/run` runs them as printed:
+is a named command: `main` (set up and run the demo) and `tests`; a marked ```python block is a
+snippet the tests run as printed (`tritonclient`). `.ci/run` runs them as printed:
 
     python3 tests/readme_blocks.py main      # prints the command
 
@@ -45,6 +46,18 @@ def named_command(name: str, readme: Path = README) -> str:
             if info != "bash" or len(commands) != 1:
                 raise ValueError(f"README block '{name}' must be a ```bash block of exactly one command line")
             return commands[0].strip()
+    raise KeyError(f"README.md has no block marked <!-- readme-command: {name} -->")
+
+
+def named_python(name: str, readme: Path = README) -> str:
+    """The code of the ```python block marked `readme-command: NAME` (a snippet the tests run as printed)."""
+    lines = readme.read_text().splitlines()
+    for start, info, body in _fenced_blocks(readme.read_text()):
+        marker = _MARKER.match(lines[start - 1]) if start > 0 else None
+        if marker and marker.group(1) == name:
+            if info != "python":
+                raise ValueError(f"README block '{name}' must be a ```python block")
+            return "\n".join(body) + "\n"
     raise KeyError(f"README.md has no block marked <!-- readme-command: {name} -->")
 
 

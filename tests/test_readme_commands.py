@@ -26,7 +26,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.readme_blocks import bash_lines, named_command, normal
+from tests.readme_blocks import bash_lines, named_command, named_python, normal
 from tests.terminal import Terminal, run_in_terminal
 from training.demo.service_process import free_port, wait_until_ready
 
@@ -78,6 +78,7 @@ RUN = (
     "cnnloop serve --port 3000",
     "curl -F images=@ant.jpg -F images=@bee.jpg localhost:3000/predict",
     "curl -H 'content-type: application/json' -d '{\"prediction_id\": \"...\", \"label\": \"bees\"}' localhost:3000/feedback",
+    "curl localhost:3000/v2/models/cnnloop",
     "cnnloop drift --last 500 --png drift.png",
     "cnnloop log info",
     "cnnloop retrain",
@@ -259,6 +260,21 @@ def test_serve_answers_the_two_curl_calls(ws):
                     "localhost:3000/feedback", {"3000": str(ws.port), '"..."': json.dumps(first)})
     ack = json.loads(out[out.index("{"):])
     assert ack["prediction_id"] == first and ack["label"] == "bees"
+
+
+def test_oip_metadata_curl_and_the_tritonclient_snippet_answer_like_predict(ws):
+    port = {"3000": str(ws.port)}
+    out = ws.readme("curl localhost:3000/v2/models/cnnloop", port)
+    metadata = json.loads(out[out.index("{"):])
+    assert metadata["name"] == "cnnloop" and metadata["versions"] == [ws.versions[1]]
+    snippet = named_python("tritonclient")
+    assert '"localhost:3000"' in snippet
+    script = ws.root / "readme_tritonclient.py"
+    script.write_text(snippet.replace('"localhost:3000"', f'"localhost:{ws.port}"'))
+    code, out = run_in_terminal(f"{sys.executable} {script}", ws.root, ws.env, 120)
+    assert code == 0, out
+    labels = [p["label"] for p in ws.predictions]
+    assert all(repr(label.encode()) in out for label in labels), (labels, out)
 
 
 def test_drift_reports_on_the_served_traffic_and_draws_it(ws):
