@@ -4,7 +4,11 @@ Three contenders on the same real JPEGs (hymenoptera val), one image per request
   (a) in-process limit: decode + preprocess (exporters.preprocess) + ONNX Runtime at its best
       batch size, no HTTP; the same graph variant the service picks.
   (b) naive: bench/naive_service.py, BentoML + torch eager + torchvision transforms, one image per call.
-  cnnloop: `bentoml serve` of service/ (adaptive batching, ONNX Runtime), multipart POST /predict.
+  cnnloop: `bentoml serve` of service/ (adaptive batching, ONNX Runtime), multipart POST /predict;
+      on the same server, the Open Inference Protocol route /v2/models/cnnloop/infer with the same
+      JPEGs as a BYTES tensor and with their decoded pixels as a UINT8 [1,H,W,3] tensor (both with
+      the binary tensor data extension, as tritonclient sends them), measured level by level beside
+      /predict so the ratios compare like with like.
 At concurrency 1, 8 and 32 (closed loop: each client sends its next request when the last answers)
 it reports end-to-end images/s and p50/p95/p99 latency. The load generator runs on the same
 machine and takes its share of the CPU from every contender alike.
@@ -22,12 +26,13 @@ import asyncio
 import json
 import os
 import platform
+import struct
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -114,11 +119,53 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
 
 # load generator ------------------------------------------------------------------------------
 
-async def closed_loop(url: str, field: str, images: list[tuple[str, bytes]], concurrency: int,
-                      seconds: float, warmup_s: float, headers: dict | None = None,
-                      on_answer: Callable[[bytes], None] | None = None) -> dict:
-    """Closed loop of `concurrency` clients, one image per request; `on_answer(body)` sees every 200 body."""
+def multipart(field: str) -> Callable[[str, bytes], tuple[Any, dict]]:
+    """One JPEG as the multipart field `field` (POST /predict)."""
     import aiohttp
+
+    def encode(name: str, data: bytes) -> tuple[Any, dict]:
+        form = aiohttp.FormData()
+        form.add_field(field, data, filename=name, content_type="image/jpeg")
+        return form, {}
+
+    return encode
+
+
+def _oip_binary(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape,
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def oip_files(name: str, data: bytes) -> tuple[bytes, dict]:
+    """One JPEG as the OIP BYTES input `images` [1]: a 4-byte little-endian length, then the file."""
+    return _oip_binary("images", "BYTES", [1], struct.pack("<I", len(data)) + data)
+
+
+def oip_pixels(name: str, pixels: np.ndarray) -> tuple[bytes, dict]:
+    """Decoded RGB pixels as the OIP UINT8 input `pixels` [1,H,W,3]."""
+    return _oip_binary("pixels", "UINT8", [1, *pixels.shape], pixels.tobytes())
+
+
+def decoded(images: list[tuple[str, bytes]]) -> list[tuple[str, np.ndarray]]:
+    """The JPEGs as a client that decoded them itself holds them: full-size RGB (decoded before timing)."""
+    import io
+
+    from PIL import Image
+
+    return [(name, np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))) for name, data in images]
+
+
+async def closed_loop(url: str, field: str, images: list[tuple[str, Any]], concurrency: int,
+                      seconds: float, warmup_s: float, headers: dict | None = None,
+                      on_answer: Callable[[bytes], None] | None = None,
+                      encode: Callable[[str, Any], tuple[Any, dict]] | None = None) -> dict:
+    """Closed loop of `concurrency` clients, one image per request; `on_answer(body)` sees every 200 body.
+    `encode(name, image)` makes each request's (body, headers); default: multipart field `field`."""
+    import aiohttp
+
+    encode = encode or multipart(field)
 
     latencies: list[float] = []
     failures = 0
@@ -135,11 +182,10 @@ async def closed_loop(url: str, field: str, images: list[tuple[str, bytes]], con
                 if now >= stop_at:
                     return
                 name, data = images[next(counter) % len(images)]
-                form = aiohttp.FormData()
-                form.add_field(field, data, filename=name, content_type="image/jpeg")
+                body, extra = encode(name, data)
                 t0 = time.perf_counter()
                 try:
-                    async with session.post(url, data=form, headers=headers) as resp:
+                    async with session.post(url, data=body, headers={**(headers or {}), **extra}) as resp:
                         body = await resp.read()
                         ok = resp.status == 200
                 except aiohttp.ClientError:
@@ -165,12 +211,20 @@ async def closed_loop(url: str, field: str, images: list[tuple[str, bytes]], con
 
 
 def load_test(url: str, field: str, images, levels, seconds: float, warmup_s: float) -> list[dict]:
-    rows = []
+    return load_tests({url: (url, multipart(field), images)}, levels, seconds, warmup_s)[url]
+
+
+def load_tests(contenders: dict[str, tuple[str, Callable, list]], levels, seconds: float,
+               warmup_s: float) -> dict[str, list[dict]]:
+    """name -> (url, encode, images): every contender at one concurrency level, then the next level,
+    so contenders on one server are measured minutes apart at most (the machine is shared)."""
+    rows: dict[str, list[dict]] = {name: [] for name in contenders}
     for c in levels:
-        row = asyncio.run(closed_loop(url, field, images, c, seconds, warmup_s))
-        print(f"  {url} c={c}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms, failures {row['failures']}",
-              file=sys.stderr)
-        rows.append(row)
+        for name, (url, encode, images) in contenders.items():
+            row = asyncio.run(closed_loop(url, "", images, c, seconds, warmup_s, encode=encode))
+            print(f"  {name} c={c}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.0f} ms, "
+                  f"failures {row['failures']}", file=sys.stderr)
+            rows[name].append(row)
     return rows
 
 
@@ -187,6 +241,20 @@ def markdown_table(result: dict) -> str:
             f"| {ours['concurrency']} | {ours['images_per_s']:.1f} | {ours['p50_ms']:.0f} / {ours['p95_ms']:.0f} / {ours['p99_ms']:.0f} "
             f"| {limit:.1f} | {naive['images_per_s']:.1f} | {naive['p50_ms']:.0f} / {naive['p95_ms']:.0f} / {naive['p99_ms']:.0f} "
             f"| {ours['images_per_s'] / limit:.2f}x | {ours['images_per_s'] / max(naive['images_per_s'], 1e-9):.2f}x |")
+    return "\n".join(lines)
+
+
+def oip_table(result: dict) -> str:
+    lines = [
+        "| concurrency | /predict img/s | OIP JPEG bytes img/s | p50 / p95 / p99 ms | OIP JPEG / /predict "
+        "| OIP UINT8 pixels img/s | p50 / p95 / p99 ms | OIP UINT8 / /predict |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for ours, files, pixels in zip(result["cnnloop"], result["oip_files"], result["oip_pixels"]):
+        def lat(r):
+            return f"{r['p50_ms']:.0f} / {r['p95_ms']:.0f} / {r['p99_ms']:.0f}"
+        lines.append(f"| {ours['concurrency']} | {ours['images_per_s']:.1f} | {files['images_per_s']:.1f} | {lat(files)} "
+                     f"| {files['vs_predict']:.2f}x | {pixels['images_per_s']:.1f} | {lat(pixels)} | {pixels['vs_predict']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -215,7 +283,15 @@ def main(argv: list[str] | None = None) -> dict:
         with serve(service_env(registry, work / "data", poll_interval_s=0, store_sample_rate=1.0),
                    work / "cnnloop.log") as svc:
             info = svc.client().get("/info").json()
-            ours = load_test(svc.url + "/predict", "images", images, args.concurrency, args.seconds, args.warmup)
+            infer = svc.url + "/v2/models/cnnloop/infer"
+            rows = load_tests({"/predict": (svc.url + "/predict", multipart("images"), images),
+                               "oip_files": (infer, oip_files, images),
+                               "oip_pixels": (infer, oip_pixels, decoded(images))},
+                              args.concurrency, args.seconds, args.warmup)
+            ours = rows["/predict"]
+            for name in ("oip_files", "oip_pixels"):
+                for row, base in zip(rows[name], ours):
+                    row["vs_predict"] = row["images_per_s"] / max(base["images_per_s"], 1e-9)
         limits.append(in_process_limit(registry, images, work))
         limit = max(limits, key=lambda r: r["images_per_s"])
         limit["measurements"] = [round(r["images_per_s"], 1) for r in limits]
@@ -232,19 +308,25 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds_per_level": args.seconds,
         "in_process_limit": limit,
         "cnnloop": ours,
+        "oip_files": rows["oip_files"],
+        "oip_pixels": rows["oip_pixels"],
         "naive": naive,
         "at_concurrency_32": None,
     }
     top = [r for r in ours if r["concurrency"] == max(args.concurrency)][0]
     top_naive = [r for r in naive if r["concurrency"] == max(args.concurrency)][0]
+    top_oip = [r for r in rows["oip_files"] if r["concurrency"] == max(args.concurrency)][0]
     result["at_concurrency_32"] = {
         "vs_in_process_limit": top["images_per_s"] / limit["images_per_s"],
         "vs_naive": top["images_per_s"] / max(top_naive["images_per_s"], 1e-9),
-        "goals": {"vs_in_process_limit": 0.8, "vs_naive": 3.0},
+        "oip_files_vs_predict": top_oip["vs_predict"],
+        "goals": {"vs_in_process_limit": 0.8, "vs_naive": 3.0, "oip_files_vs_predict": 0.95},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
+    print()
+    print(oip_table(result))
     return result
 
 
