@@ -19,7 +19,7 @@ import numpy as np
 
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from service.oip import DATATYPES, FILES, HEADER_LENGTH, OUTPUTS, PIXELS, InferRequest, RequestedOutput
-from service.request_validation import PixelImage, Upload
+from service.request_validation import PixelImage, Upload, parse_json
 
 _INPUTS_HELP = f"'{FILES}' (BYTES [N], one encoded image file each) or '{PIXELS}' (UINT8 [N,H,W,3], RGB)"
 _MEDIA_TYPES = ("", "application/json", "application/octet-stream")
@@ -55,11 +55,11 @@ def split_body(body: bytes, header_length: str | None) -> tuple[memoryview, memo
 
 def _json_object(raw: memoryview, whole_body: bool) -> dict:
     try:
-        payload = json.loads(bytes(raw))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        hint = (f" (binary tensor data after the JSON needs the {HEADER_LENGTH} header)"
-                if whole_body and str(e).startswith("Extra data") else "")
-        raise _bad(f"the inference request is not valid JSON: {str(e)[:200]}{hint}", "malformed_json") from None
+        payload = parse_json(bytes(raw), "the inference request")
+    except BadRequest as e:
+        if whole_body and "JSON: Extra data" in e.message:
+            e.message += f" (binary tensor data after the JSON needs the {HEADER_LENGTH} header)"
+        raise
     if not isinstance(payload, dict):
         raise _bad(f'the inference request must be a JSON object {{"inputs": [...]}}, got {_json_type(payload)}',
                    "malformed_json")

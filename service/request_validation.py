@@ -106,14 +106,14 @@ async def read_labeled_upload(request: Request) -> tuple[Upload, str]:
         await form.close()
 
 
-def parse_json(body: bytes):
-    """A JSON request body, or a 400 that says why not."""
+def parse_json(body: bytes, what: str = "body"):
+    """A JSON request body, or a 400 (`malformed_json`) that says why not; `what` names it in the message."""
     try:
         return json.loads(body)
     except RecursionError:  # json recurses per nesting level: [[[[...]]]] 100k deep exhausts the stack
-        raise BadRequest("body is not usable JSON: nested too deeply", code="malformed_json") from None
+        raise BadRequest(f"{what} is not usable JSON: nested too deeply", code="malformed_json") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, and ints over Python's 4300-digit limit
-        raise BadRequest(f"body is not valid JSON: {e}", code="malformed_json") from None
+        raise BadRequest(f"{what} is not valid JSON: {str(e)[:200]}", code="malformed_json") from None
 
 
 def parse_feedback(body: bytes, content_type: str | None) -> FeedbackIn:
