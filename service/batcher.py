@@ -7,15 +7,17 @@ serialisation of the arrays); and its dispatcher answers 503 when its latency es
 max_latency_ms, which a client sees as a failed request under load. This batcher never refuses.
 
 Policy: a batch starts when its first image arrives and closes when it holds `max_batch_size` images
-or that image has waited `max_latency_ms`. While one batch runs, the next one fills, so the batch
-size follows the load with no added wait under load (the deadline has already passed) and at most
-`max_latency_ms` when idle. Images decoded for different models (a swap happened in between) never
+or that image has waited `max_latency_ms`, or at once when no other image is on its way (none is
+being decoded: `on_the_way`), since waiting then only adds latency. While one batch runs, the next one fills, so the batch
+size follows the load with no added wait under load (the deadline has already passed) and none for
+a lone request. Images decoded for different models (a swap happened in between) never
 share a batch: each image runs on the model its request snapshotted.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +53,16 @@ class AdaptiveBatcher:
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: collections.deque[_Item] = collections.deque()
         self._task: asyncio.Task | None = None
+        self._on_the_way = 0  # images being decoded that will be run next
+
+    @contextlib.contextmanager
+    def on_the_way(self, n: int):
+        """Wrap the decoding of `n` images that `run` will get: a batch waits for them, never for nothing."""
+        self._on_the_way += n
+        try:
+            yield
+        finally:
+            self._on_the_way -= n
 
     def start(self) -> None:
         if self._task is None:
@@ -101,7 +113,8 @@ class AdaptiveBatcher:
         deadline = first.enqueued + self.max_latency_s
         deferred = []
         while len(batch) < self.max_batch_size:
-            item = await self._next_item(deadline - time.perf_counter())
+            wait = deadline - time.perf_counter() if self._on_the_way > 0 else 0.0
+            item = await self._next_item(wait)
             if item is None:
                 break
             (batch if item.model is first.model else deferred).append(item)

@@ -156,9 +156,10 @@ class ServingRuntime:
         model = model or self.serving_model()  # the snapshot this request uses end to end
         loop = asyncio.get_running_loop()
         store = [random.random() < self.settings.store_sample_rate for _ in images]
-        prepared = await asyncio.gather(*(
-            loop.run_in_executor(self._decode_pool, self._prepare, i, image, model.policy, s)
-            for i, (image, s) in enumerate(zip(images, store))))
+        with self.batcher.on_the_way(len(images)):
+            prepared = await asyncio.gather(*(
+                loop.run_in_executor(self._decode_pool, self._prepare, i, image, model.policy, s)
+                for i, (image, s) in enumerate(zip(images, store))))
         probs, embs = await self.batcher.run(model, np.stack([array for array, _, _ in prepared]))
         now = time.time()
         top = top_k(probs, min(self.settings.top_k, len(model.labels)))

@@ -53,3 +53,54 @@ def test_images_for_different_models_never_share_a_batch():
 
     old, new = asyncio.run(main())
     assert sum(old.calls) == 5 and sum(new.calls) == 5
+
+
+def test_a_lone_image_runs_at_once_instead_of_waiting_for_the_deadline():
+    # With nothing else on its way, waiting for the batch to fill only adds latency: a one-minute
+    # max_latency_ms must not hold a lone request (wait_for fails the test long before a minute).
+    async def main():
+        model = _RecordingModel()
+        batcher = AdaptiveBatcher(max_batch_size=32, max_latency_ms=60_000)
+        batcher.start()
+        for i in range(3):
+            probs, _ = await asyncio.wait_for(batcher.run(model, _images([i])), 10)
+            assert np.all(probs == i)
+        await batcher.stop()
+        return model
+
+    assert asyncio.run(main()).calls == [1, 1, 1]
+
+
+def test_a_batch_waits_for_an_image_still_being_decoded():
+    async def main():
+        model = _RecordingModel()
+        batcher = AdaptiveBatcher(max_batch_size=32, max_latency_ms=60_000)
+        batcher.start()
+        with batcher.on_the_way(1):  # a second request is decoding while the first is queued
+            first = asyncio.create_task(batcher.run(model, _images([1])))
+            await asyncio.sleep(0.05)
+            assert not first.done()
+        second = await asyncio.wait_for(batcher.run(model, _images([2])), 10)
+        (p1, _), (p2, _) = await first, second
+        await batcher.stop()
+        return model, p1, p2
+
+    model, p1, p2 = asyncio.run(main())
+    assert model.calls == [2] and np.all(p1 == 1) and np.all(p2 == 2)
+
+
+def test_a_failed_decode_does_not_leave_the_batcher_waiting():
+    async def main():
+        model = _RecordingModel()
+        batcher = AdaptiveBatcher(max_batch_size=32, max_latency_ms=60_000)
+        batcher.start()
+        try:
+            with batcher.on_the_way(2):
+                raise ValueError("undecodable upload")
+        except ValueError:
+            pass
+        await asyncio.wait_for(batcher.run(model, _images([3])), 10)
+        await batcher.stop()
+        return model
+
+    assert asyncio.run(main()).calls == [1]
