@@ -20,6 +20,20 @@ from service.errors import ConfigError
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
 
 
+def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU
+    quota (a k8s `limits.cpu`), rounded up. os.cpu_count() sees the whole node, so a pod limited to
+    2 cores on a 64-core node would start 64 decode threads and 64 inference calls."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = cgroup_cpu_max.read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cpus = min(cpus, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 class ServiceSettings(LogLocations):
     """Every knob of the serving process (registry, data_dir, s3_endpoint_url come from StoreLocations)."""
 
@@ -33,10 +47,10 @@ class ServiceSettings(LogLocations):
     prefer_gpu: bool = Field(True, description="use CUDAExecutionProvider when onnxruntime-gpu sees a GPU")
     variant: Literal["auto", "fp32", "fp16", "int8"] = Field("auto", description="bundle graph variant; auto = fp16 on GPU, int8 on CPU when kept")
     ort_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads; default 1 on CPU, ORT's on GPU")
-    inference_threads: int | None = Field(None, ge=1, le=256, description="inference calls at once; default one per core on CPU, 2 on GPU")
+    inference_threads: int | None = Field(None, ge=1, le=256, description="inference calls at once; default one per available core on CPU, 2 on GPU")
     batch_max_size: int = Field(32, ge=1, le=1024, description="most images one inference call gets")
     batch_max_latency_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest an image waits for its batch to fill")
-    decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads; 0 = one per CPU")
+    decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads; 0 = one per available core (affinity and cgroup quota)")
     top_k: int = Field(3, ge=1, le=100)
 
     # request limits
@@ -88,7 +102,7 @@ class ServiceSettings(LogLocations):
         return v
 
     def resolved_decode_threads(self) -> int:
-        return self.decode_threads or max(1, os.cpu_count() or 1)
+        return self.decode_threads or available_cpus()
 
     def resolved_inference_threads(self, gpu: bool) -> tuple[int | None, int]:
         """(ORT intra-op threads, concurrent inference calls).
@@ -99,7 +113,7 @@ class ServiceSettings(LogLocations):
         and 31 ms vs 62 ms p50 at concurrency 1). On GPU, two calls overlap copies with compute."""
         if gpu:
             return self.ort_threads, self.inference_threads or 2
-        return self.ort_threads or 1, self.inference_threads or max(1, os.cpu_count() or 1)
+        return self.ort_threads or 1, self.inference_threads or available_cpus()
 
     def public_view(self) -> dict[str, Any]:
         """What GET /info may show: everything except secrets."""

@@ -57,3 +57,25 @@ def test_an_s3_data_dir_without_a_log_database_is_refused_naming_cnnloop_log_url
     assert "hunter2" not in str(e.value)
     ok = load_service_settings(environ={"CNNLOOP_DATA_DIR": "s3://bucket/svc", "CNNLOOP_LOG_URL": "postgresql://u:p@db/x"})
     assert ok.log_url == "postgresql://u:p@db/x"
+
+
+def test_thread_defaults_follow_the_cores_this_process_may_use(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from service.settings import available_cpus
+
+    cores = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    for text, expected in (("150000 100000\n", min(cores, 2)), ("50000 100000\n", 1), ("max 100000\n", cores),
+                           ("garbage\n", cores)):
+        quota.write_text(text)
+        assert available_cpus(quota) == expected, text
+    assert available_cpus(tmp_path / "missing") == cores
+    # taskset (a cpuset) limits what the service starts, not the node's core count.
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                          "from service.settings import load_service_settings as l; s = l(environ={}); "
+                          "print(s.resolved_decode_threads(), s.resolved_inference_threads(False)[1])"],
+                         capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.stdout.split() == ["1", "1"]
