@@ -83,7 +83,7 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
     from exporters.registry import Registry
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "inproc_bundle")
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores this run may use (taskset), as the service counts them
     results = {}
     for mode, threads, workers in (("one call, all cores", None, 1), (f"{cores} calls, 1 core each", 1, cores)):
         model, fetched = load_bundle_model(bundle, threads=threads)
