@@ -81,9 +81,10 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
     from exporters.registry import Registry
+    from service.settings import available_cpus
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "inproc_bundle")
-    cores = len(os.sched_getaffinity(0))  # the cores this run may use (taskset), as the service counts them
+    cores = available_cpus()  # as the service counts them: affinity (taskset) and cgroup quota
     results = {}
     for mode, threads, workers in (("one call, all cores", None, 1), (f"{cores} calls, 1 core each", 1, cores)):
         model, fetched = load_bundle_model(bundle, threads=threads)

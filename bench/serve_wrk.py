@@ -67,12 +67,14 @@ def run_wrk(url: str, file_list: Path, concurrency: int, seconds: float, client_
     command = ["taskset", "-c", ",".join(map(str, sorted(client_cpus))),
                "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "--timeout", "60s",
                "-s", str(LUA), url, "--", str(file_list)]
-    server0 = tree_cpu_seconds(server_pid)
+    server0, client0 = tree_cpu_seconds(server_pid), os.times()
     t0 = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
     server_cpu = tree_cpu_seconds(server_pid) - server0
+    client1 = os.times()  # wrk is reaped by now: its CPU is in this process's children times
+    client_cpu = (client1.children_user - client0.children_user) + (client1.children_system - client0.children_system)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk failed ({proc.returncode}): {err or out}")
     match = re.search(r"^WRK_JSON (\{.*\})$", out, re.M)
@@ -83,16 +85,7 @@ def run_wrk(url: str, file_list: Path, concurrency: int, seconds: float, client_
     return {"concurrency": concurrency, "requests": w["requests"], "failures": failures,
             "images_per_s": (w["requests"] - w["status_errors"]) / (w["duration_us"] / 1e6),
             "p50_ms": w["p50_us"] / 1000, "p95_ms": w["p95_us"] / 1000, "p99_ms": w["p99_us"] / 1000,
-            "server_cpu_s": server_cpu, "wall_s": wall}
-
-
-def with_client_cpu(run) -> dict:
-    """Run `run()` (which starts and reaps one child) and add that child's CPU seconds."""
-    before = os.times()
-    row = run()
-    after = os.times()
-    row["client_cpu_s"] = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    return row
+            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu, "wall_s": wall}
 
 
 def single_image_latency(registry_uri: str, images: list[tuple[str, bytes]], workdir: Path, n: int = 300) -> dict:
@@ -130,7 +123,7 @@ def measure_at(cores: list[int], client_cpus: set[int], registry: str, images, f
             run_wrk(url, file_list, max(args.concurrency), args.warmup, client_cpus, svc.process.pid)  # warm-up
             rows = []
             for c in args.concurrency:
-                row = with_client_cpu(lambda: run_wrk(url, file_list, c, args.seconds, client_cpus, svc.process.pid))
+                row = run_wrk(url, file_list, c, args.seconds, client_cpus, svc.process.pid)
                 row["client_cpu_share"] = row["client_cpu_s"] / (row["wall_s"] * len(client_cpus))
                 row["server_cpu_share"] = row["server_cpu_s"] / (row["wall_s"] * len(cores))
                 print(f"  {len(cores)} core(s) wrk c={c}: {row['images_per_s']:.1f} img/s, p50 {row['p50_ms']:.1f} ms, "

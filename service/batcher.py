@@ -6,12 +6,12 @@ merged batch; calling a batchable API from another API goes through BentoML's se
 serialisation of the arrays); and its dispatcher answers 503 when its latency estimate exceeds
 max_latency_ms, which a client sees as a failed request under load. This batcher never refuses.
 
-Policy: a batch starts when its first image arrives and closes when it holds `max_batch_size` images
-or that image has waited `max_latency_ms`, or at once when no other image is on its way (none is
-being decoded: `on_the_way`), since waiting then only adds latency. While one batch runs, the next one fills, so the batch
-size follows the load with no added wait under load (the deadline has already passed) and none for
-a lone request. Images decoded for different models (a swap happened in between) never
-share a batch: each image runs on the model its request snapshotted.
+Policy: a batch starts when its first image arrives and closes when it holds `max_batch_size` images,
+when that image has waited `max_latency_ms`, or at once when no other image is on its way (none is
+being decoded: `on_the_way`), since waiting then only adds latency. While one batch runs, the next
+one fills, so the batch size follows the load with no added wait under load (the deadline has
+already passed) and none for a lone request. Images decoded for different models (a swap happened
+in between) never share a batch: each image runs on the model its request snapshotted.
 """
 from __future__ import annotations
 
