@@ -81,12 +81,12 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
     from exporters.registry import Registry
-    from service.settings import available_cpus
+    from exporters.cpus import available_cpus
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "inproc_bundle")
     cores = available_cpus()  # as the service counts them: affinity (taskset) and cgroup quota
     results = {}
-    for mode, threads, workers in (("one call, all cores", None, 1), (f"{cores} calls, 1 core each", 1, cores)):
+    for mode, threads, workers in (("one call, all cores", cores, 1), (f"{cores} calls, 1 core each", 1, cores)):
         model, fetched = load_bundle_model(bundle, threads=threads)
         policy = fetched.policy
         decode = lambda b: load_model_input(b, policy)  # noqa: E731

@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporters.bundle import Bundle, read_bundle
+from exporters.cpus import available_cpus
 from exporters.errors import ExportError
 
 
@@ -24,12 +25,14 @@ class OnnxClassifier:
     """One ORT session over a graph with a uint8 NHWC `images` input and (probabilities, embedding) outputs."""
 
     def __init__(self, model_path: Path | str, prefer_gpu: bool = True, threads: int | None = None):
+        """`threads`: ORT intra-op threads; None = the cores this process may use (exporters.cpus)."""
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ExportError(f"ONNX model {self.path} does not exist; export a bundle first (`cnnloop export RUN_DIR`)")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # Always explicit: ORT's own default pins a thread to every core of the node, past taskset and
+        # a pod's CPU limit (see exporters/cpus.py).
+        options.intra_op_num_threads = threads or available_cpus()
         # Quiet: ORT warns about unused initializers and CPU fallbacks of fp16 nodes on every load.
         options.log_severity_level = 3
         try:

@@ -12,26 +12,13 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from exporters.cpus import available_cpus
 from exporters.locations import LogLocations
 from exporters.preprocess import MAX_PIXELS
 from exporters.settings_loader import load_settings
 from service.errors import ConfigError
 
 CONFIG_FILE_ENV = "CNNLOOP_CONFIG"
-
-
-def available_cpus(cgroup_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """Cores this process may use: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU
-    quota (a k8s `limits.cpu`), rounded up. os.cpu_count() sees the whole node, so a pod limited to
-    2 cores on a 64-core node would start 64 decode threads and 64 inference calls."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = cgroup_cpu_max.read_text().split()[:2]
-        if quota != "max" and int(period) > 0:
-            cpus = min(cpus, -(-int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
 
 
 class ServiceSettings(LogLocations):
@@ -46,7 +33,7 @@ class ServiceSettings(LogLocations):
     # inference
     prefer_gpu: bool = Field(True, description="use CUDAExecutionProvider when onnxruntime-gpu sees a GPU")
     variant: Literal["auto", "fp32", "fp16", "int8"] = Field("auto", description="bundle graph variant; auto = fp16 on GPU, int8 on CPU when kept")
-    ort_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads; default 1 on CPU, ORT's on GPU")
+    ort_threads: int | None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads; default 1 on CPU, the cores this process may use on GPU")
     inference_threads: int | None = Field(None, ge=1, le=256, description="inference calls at once; default one per available core on CPU, 2 on GPU")
     batch_max_size: int = Field(32, ge=1, le=1024, description="most images one inference call gets")
     batch_max_latency_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest an image waits for its batch to fill")
@@ -104,7 +91,7 @@ class ServiceSettings(LogLocations):
     def resolved_decode_threads(self) -> int:
         return self.decode_threads or available_cpus()
 
-    def resolved_inference_threads(self, gpu: bool) -> tuple[int | None, int]:
+    def resolved_inference_threads(self, gpu: bool) -> tuple[int, int]:
         """(ORT intra-op threads, concurrent inference calls).
 
         On CPU, single-threaded calls side by side (one per core) beat one call spread over all
@@ -112,7 +99,7 @@ class ServiceSettings(LogLocations):
         batch instead of every batch (measured on 2 shared cores: 61 vs 39 img/s at concurrency 32,
         and 31 ms vs 62 ms p50 at concurrency 1). On GPU, two calls overlap copies with compute."""
         if gpu:
-            return self.ort_threads, self.inference_threads or 2
+            return self.ort_threads or available_cpus(), self.inference_threads or 2
         return self.ort_threads or 1, self.inference_threads or available_cpus()
 
     def public_view(self) -> dict[str, Any]:

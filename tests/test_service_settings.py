@@ -39,11 +39,13 @@ def test_yaml_with_unknown_setting_is_refused(tmp_path):
         load_service_settings(config_file=cfg, environ={})
 
 
-def test_cpu_runs_single_threaded_calls_side_by_side_and_gpu_keeps_ort_threads():
+def test_cpu_runs_single_threaded_calls_side_by_side_and_gpu_gives_ort_the_cores():
+    from exporters.cpus import available_cpus
+
     s = load_service_settings(environ={})
     ort_threads, calls = s.resolved_inference_threads(gpu=False)
     assert ort_threads == 1 and calls >= 1
-    assert s.resolved_inference_threads(gpu=True) == (None, 2)
+    assert s.resolved_inference_threads(gpu=True) == (available_cpus(), 2)
     assert load_service_settings(environ={"CNNLOOP_ORT_THREADS": "4"}).resolved_inference_threads(gpu=False)[0] == 4
 
 
@@ -64,7 +66,7 @@ def test_thread_defaults_follow_the_cores_this_process_may_use(tmp_path):
     import subprocess
     import sys
 
-    from service.settings import available_cpus
+    from exporters.cpus import available_cpus
 
     cores = len(os.sched_getaffinity(0))
     quota = tmp_path / "cpu.max"
