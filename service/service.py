@@ -16,12 +16,28 @@ from service.http_app import build_http_app
 http_app = build_http_app()
 
 
+def _tracing_config() -> dict:
+    """BentoML's tracing config for this service: every route left out of its OpenTelemetry middleware
+    unless CNNLOOP_TRACE_REQUESTS is on. Settings are read here, at import, because the decorator
+    needs them; bad ones fall back to the default and `_validate_settings` then stops the server."""
+    from service.errors import ConfigError
+    from service.settings import load_service_settings
+
+    try:
+        trace = load_service_settings().trace_requests
+    except ConfigError:
+        trace = False
+    # OpenTelemetry's exclude list is regexes searched in the URL: "." matches every one.
+    return {} if trace else {"excluded_urls": "."}
+
+
 @bentoml.service(
     name="cnnloop",
     # One worker per process group: ONNX Runtime already uses every core inside a call; scale out
     # with replicas (k8s HPA), each polling the registry on its own.
     workers=1,
     traffic={"timeout": 120},
+    tracing=_tracing_config(),
 )
 @bentoml.asgi_app(http_app, path="/")
 class CnnloopService:
