@@ -218,6 +218,8 @@ def test_cv_writes_mean_and_std_over_five_folds(ws):
     out = ws.readme("cnnloop cv path/to/images --folds 5 --json cv.json")
     cv = json.loads((ws.root / "cv.json").read_text())
     assert len(cv["folds"]) == 5 and {"mean", "std"} <= set(cv["summary"]["accuracy"])
+    assert len(cv["linear_probe"]["folds"]) == 5 and isinstance(cv["beats_linear_probe"], bool)
+    assert "linear probe" in out
     assert PROGRESS_BAR in out
 
 

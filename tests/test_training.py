@@ -193,6 +193,30 @@ def test_cross_validation_reports_mean_and_std_over_folds(digits3):
     assert len(result["folds"]) == 3 and sum(f["n_test"] for f in result["folds"]) == 90
     s = result["summary"]["accuracy"]
     assert 0.6 <= s["mean"] <= 1.0 and s["std"] >= 0
+    # The floor, on the same folds: a probe per fold, scored on as many images as the recipe.
+    probe = result["linear_probe"]
+    assert [f["fold"] for f in probe["folds"]] == [0, 1, 2]
+    assert all(f["C"] > 0 and f["inner_folds"] >= 2 for f in probe["folds"])
+    assert 0.0 <= probe["summary"]["accuracy"]["mean"] <= 1.0
+    assert result["beats_linear_probe"] == (s["mean"] > probe["summary"]["accuracy"]["mean"])
+
+
+def test_the_linear_probe_learns_separable_features_and_chooses_c_from_training_data_only():
+    from training.linear_probe import C_GRID, probe_scores
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((3, 64)) * 3
+    y = np.repeat(np.arange(3), 40)
+    x = centres[y] + rng.standard_normal((120, 64))
+    train, test = np.arange(120) % 4 != 0, np.arange(120) % 4 == 0
+    clean = probe_scores(x[train], y[train], x[test], y[test], ["a", "b", "c"], seed=0)
+    assert clean["accuracy"] == 1.0 and clean["C"] in C_GRID
+    # Poisoned test labels change the score, never the C: the inner CV sees training data only.
+    poisoned = probe_scores(x[train], y[train], x[test], (y[test] + 1) % 3, ["a", "b", "c"], seed=0)
+    assert poisoned["C"] == clean["C"] and poisoned["accuracy"] == 0.0
+    shuffled = rng.permutation(y)  # labels that have nothing to do with the features: about chance
+    noise = probe_scores(x[:90], shuffled[:90], x[90:], shuffled[90:], ["a", "b", "c"], seed=0)
+    assert noise["accuracy"] < 0.7
 
 
 def test_a_second_run_into_the_same_directory_is_refused(trained, digits3):

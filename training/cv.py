@@ -31,7 +31,10 @@ def summarise_folds(fold_scores: list[dict]) -> dict:
 
 def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Console | None = None,
                    show_progress: bool = True) -> dict:
-    """Each fold: train on the other folds (val carved from them for early stopping), score the fold."""
+    """Each fold: train on the other folds (val carved from them for early stopping), score the fold;
+    beside it, the linear probe on the same fold (training.linear_probe), the floor to beat."""
+    from training.linear_probe import frozen_features, probe_scores
+
     console = console or Console(stderr=True)
     spec = get_backbone_spec(cfg.backbone)
     policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
@@ -42,6 +45,10 @@ def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Consol
     results = []
     with make_progress(console, show_progress) as progress:
         everything, skipped = decode_files(source.train, policy.resize_size, "decoding", progress)
+        labels = everything.labels.numpy()
+        # The backbone is frozen, so one pass gives every fold its features.
+        features = frozen_features(spec, cfg, everything.images, policy, device)
+        probes = []
         for k, (train_idx, test_idx) in enumerate(stratified_kfold(everything.labels.numpy(), folds, cfg.seed)):
             seed_everything(cfg.seed + k)
             pool = everything.subset(train_idx)
@@ -50,9 +57,18 @@ def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Consol
             model, _ = build_classifier(spec, len(everything.classes), cfg.weights, cfg.dropout)
             fit = fit_model(model, splits, cfg, policy, device, progress, console)
             scores, _, _ = score_split(fit.model, splits.test, policy, device, cfg)
+            probe = probe_scores(features[train_idx], labels[train_idx], features[test_idx], labels[test_idx],
+                                 everything.classes, cfg.seed + k)
             console.print(f"fold {k + 1}/{folds}: accuracy {scores['accuracy']:.4f} macro-F1 {scores['macro_f1']:.4f} "
-                          f"(best epoch {fit.best_epoch})")
+                          f"(best epoch {fit.best_epoch}); linear probe {probe['accuracy']:.4f}")
             results.append({"fold": k, "n_test": scores["n"], "best_epoch": fit.best_epoch,
                             **{key: scores[key] for key in SUMMARY_KEYS}})
-    return {"folds": results, "summary": summarise_folds(results), "k": folds, "skipped_images": skipped,
+            probes.append({"fold": k, "C": probe["C"], "inner_folds": probe["inner_folds"],
+                           **{key: probe[key] for key in SUMMARY_KEYS}})
+    summary, floor = summarise_folds(results), summarise_folds(probes)
+    return {"folds": results, "summary": summary, "k": folds, "skipped_images": skipped,
+            "linear_probe": {"folds": probes, "summary": floor,
+                             "what": f"frozen {cfg.backbone} features at {policy.crop_size} px, logistic regression, "
+                                     "C by inner stratified CV on each fold's training data"},
+            "beats_linear_probe": summary["accuracy"]["mean"] > floor["accuracy"]["mean"],
             "config": cfg.model_dump(mode="json")}

@@ -83,11 +83,18 @@ def register(app: typer.Typer) -> None:
             result = cross_validate(data, cfg, folds, console=console, show_progress=not quiet)
         t = Table(title=f"{folds}-fold cross-validation on {data}")
         t.add_column("metric")
-        t.add_column("mean", justify="right")
+        t.add_column("recipe mean", justify="right")
         t.add_column("std", justify="right")
+        t.add_column("linear probe mean", justify="right")
+        t.add_column("std", justify="right")
+        floor = result["linear_probe"]["summary"]
         for k, v in result["summary"].items():
-            t.add_row(k, f"{v['mean']:.4f}", f"{v['std']:.4f}")
+            t.add_row(k, f"{v['mean']:.4f}", f"{v['std']:.4f}", f"{floor[k]['mean']:.4f}", f"{floor[k]['std']:.4f}")
         console.print(t)
+        gap = result["summary"]["accuracy"]["mean"] - floor["accuracy"]["mean"]
+        console.print(f"linear probe: {result['linear_probe']['what']}. The recipe "
+                      + (f"beats it by {gap:+.4f} accuracy." if result["beats_linear_probe"]
+                         else f"does NOT beat it ({gap:+.4f} accuracy): a frozen-feature probe does as well."))
         if json_out:
             emit_json(result, json_out)
 
