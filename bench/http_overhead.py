@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import DATA  # noqa: E402
-from bench.serve_wrk import run_wrk  # noqa: E402
+from bench.serve_wrk import jpeg_list, run_wrk  # noqa: E402
 from training.demo.service_process import free_port  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "http_overhead.json"
@@ -152,20 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not on PATH: apt-get install wrk")
+    load_before = os.getloadavg()
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs 2 cores: the server on one, wrk on the other")
     with tempfile.TemporaryDirectory(prefix="cnnloop-bench-http-") as tmp:
         work = Path(tmp)
         (work / "echo_app.py").write_text(APP)
-        file_list = work / "files.txt"
-        file_list.write_text("\n".join(str(p) for p in sorted(args.images.rglob("*"))
-                                       if p.suffix.lower() in (".jpg", ".jpeg")) + "\n")
+        file_list = jpeg_list(args.images, work / "files.txt")
         rows = []
         for _ in range(args.rounds):
             for name, (kind, config) in SERVERS.items():
                 rows.extend(measure(name, kind, config, work, file_list, args, cpus))
-    result = {"load_before": os.getloadavg(), "concurrency": args.concurrency, "seconds_per_row": args.seconds,
+    result = {"load_before": load_before, "concurrency": args.concurrency, "seconds_per_row": args.seconds,
               "rounds": args.rounds, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -43,6 +43,12 @@ LUA = ROOT / "bench" / "wrk_multipart.lua"
 RESULTS = ROOT / "bench" / "results" / "serve_wrk.json"
 
 
+def jpeg_list(folder: Path, path: Path) -> Path:
+    """The file list bench/wrk_multipart.lua reads: every JPEG under `folder`, one path per line."""
+    path.write_text("\n".join(str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")) + "\n")
+    return path
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and all its descendants (BentoML forks workers)."""
     import psutil
@@ -186,9 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     images = load_jpegs(args.images)
     with tempfile.TemporaryDirectory(prefix="cnnloop-bench-wrk-") as tmp:
         work = Path(tmp)
-        file_list = work / "files.txt"
-        file_list.write_text("\n".join(str(p) for p in sorted(args.images.rglob("*"))
-                                       if p.suffix.lower() in (".jpg", ".jpeg")) + "\n")
+        file_list = jpeg_list(args.images, work / "files.txt")
         registry = args.registry or prepare_model(work)[0]
         runs = []
         for n in args.cores:
