@@ -49,7 +49,7 @@ def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Consol
         # The backbone is frozen, so one pass gives every fold its features.
         features = frozen_features(spec, cfg, everything.images, policy, device)
         probes = []
-        for k, (train_idx, test_idx) in enumerate(stratified_kfold(everything.labels.numpy(), folds, cfg.seed)):
+        for k, (train_idx, test_idx) in enumerate(stratified_kfold(labels, folds, cfg.seed)):
             seed_everything(cfg.seed + k)
             pool = everything.subset(train_idx)
             keep, held = stratified_split(pool.labels.numpy(), cfg.val_fraction, cfg.seed + k)
