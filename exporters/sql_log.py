@@ -49,13 +49,21 @@ def database_url(data_dir: str, log_url: str | None) -> str:
                 "(--log-url) to the database that keeps the predictions and feedback, e.g. "
                 "postgresql://user:password@host:5432/cnnloop (one database every replica and the retrain job share)")
         return f"sqlite:///{Path(data_dir).resolve() / SQLITE_FILE}"
-    scheme = log_url.split(":", 1)[0]
-    if scheme in ("postgresql", "postgres"):
-        return "postgresql+psycopg:" + log_url.split(":", 1)[1]
-    if scheme in ("postgresql+psycopg", "sqlite"):
-        return log_url
+    url = sqlalchemy_url(log_url)
+    if url is not None:
+        return url
     raise LogUrlError(f"CNNLOOP_LOG_URL {redact(log_url)!r} is not a database URL cnnloop can use: give "
                       "postgresql://user:password@host:5432/dbname or sqlite:///absolute/path/log.sqlite3")
+
+
+def sqlalchemy_url(url: str) -> str | None:
+    """postgresql:// (driven by psycopg 3, the driver installed) or sqlite:// as SQLAlchemy opens it; None if neither."""
+    scheme = url.split(":", 1)[0]
+    if scheme in ("postgresql", "postgres"):
+        return "postgresql+psycopg:" + url.split(":", 1)[1]
+    if scheme in ("postgresql+psycopg", "sqlite"):
+        return url
+    return None
 
 
 def redact(url: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ class FitResult:
     replica_fingerprints: list[str] | None = None  # one per torchrun worker, all equal; None in one process
 
 
-def _grad_scaler(device: torch.device, cfg: TrainConfig):
+def grad_scaler(device: torch.device, cfg: TrainConfig):
     # bf16 autocast needs no loss scaling; only fp16 (GPUs without bf16) does.
     use = device.type == "cuda" and cfg.amp and not torch.cuda.is_bf16_supported()
     return torch.amp.GradScaler("cuda") if use else None
@@ -57,8 +58,11 @@ def _ema(model, cfg: TrainConfig):
 
 
 def fit_model(model, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device: torch.device,
-              progress: ProgressBars, console: Console) -> FitResult:
-    """The fine-tuning loop: unfreeze on schedule, train an epoch, score val, stop early, keep the best."""
+              progress: ProgressBars, console: Console, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
+    """The fine-tuning loop: unfreeze on schedule, train an epoch, score val, stop early, keep the best.
+
+    `on_epoch` sees each epoch's history row once it is scored (the tuner reports it to its pruner);
+    whatever it raises stops the fit and propagates."""
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -66,7 +70,7 @@ def fit_model(model, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, dev
     criterion = make_criterion(splits.train, cfg, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, len(loader))
-    scaler = _grad_scaler(device, cfg)
+    scaler = grad_scaler(device, cfg)
     ema = _ema(model, cfg)
     eval_model = ema.module if ema else model
     world = distributed.world_size()
@@ -114,6 +118,8 @@ def fit_model(model, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, dev
             best_state = {k: v.detach().clone() for k, v in eval_model.state_dict().items()}
         progress.update(task, info=f"loss {stats['loss']:.3f} val_loss {row['val_loss']:.3f} "
                                    f"val_acc {row['val_accuracy']:.3f}{' *' if improved else ''}")
+        if on_epoch is not None:
+            on_epoch(row)
         if stopper.should_stop:
             console.print(f"early stop after epoch {epoch + 1}: no {cfg.monitor} improvement for {cfg.patience} epochs")
             break
