@@ -19,6 +19,7 @@ TARGETS = {
     "cpu": K8S / "overlays" / "cpu",
     "gpu": K8S / "overlays" / "gpu",
     "gpu-train": K8S / "overlays" / "gpu-train",
+    "cpu-tune": K8S / "overlays" / "cpu-tune",
 }
 GPU_TARGETS = ("gpu", "gpu-train")
 KUBERNETES_VERSION = "1.32.0"

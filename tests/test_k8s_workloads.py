@@ -194,7 +194,9 @@ def cnnloop_options(subcommand: str) -> set[str]:
 
     from training.cli import app
 
-    command = typer.main.get_command(app).commands[subcommand]
+    commands = typer.main.get_command(app).commands
+    assert subcommand in commands, f"the manifests run `cnnloop {subcommand}`, which the CLI does not have"
+    command = commands[subcommand]
     return {opt for param in command.params for opt in param.opts + param.secondary_opts if opt.startswith("-")}
 
 
@@ -217,9 +219,122 @@ def test_every_cnnloop_flag_in_the_manifests_is_one_the_cli_accepts(target):
         else:
             invocations += cnnloop_invocations(" ".join(argv))
     subcommands = {sub for sub, _ in invocations}
-    assert subcommands == ({"retrain", "train", "export"} if target == "gpu-train" else {"retrain"}), invocations
+    expected = {"gpu-train": {"retrain", "train", "export"}, "cpu-tune": {"retrain", "tune"}}.get(target, {"retrain"})
+    assert subcommands == expected, invocations
     for subcommand, flags in invocations:
         assert set(flags) <= cnnloop_options(subcommand), f"cnnloop {subcommand}: {set(flags) - cnnloop_options(subcommand)}"
+
+
+# --- tests: the tuning component (Optuna workers sharing one study) ----------------------------------
+
+def _tune_job(objs: list[dict]) -> tuple[dict, dict]:
+    job = one(objs, "Job", "cnnloop-tune")
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return job, container
+
+
+def _tune_argv(container: dict) -> list[str]:
+    """The one `cnnloop tune ...` of the worker's script, as argv."""
+    script = " ".join(container["command"] + container["args"]).replace("\\\n", " ")
+    (line,) = [m.group(0) for m in re.finditer(r"(?<![\w/-])cnnloop\s+tune\b[^\n]*", script)]
+    return line.split()
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    assert argv.count(flag) == 1, (flag, argv)
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t != "cpu-tune"])
+def test_tuning_job_is_opt_in(target):
+    assert find(rendered(target), "Job", "cnnloop-tune") == []
+
+
+def test_tune_job_is_indexed_with_one_worker_per_completion():
+    job, _ = _tune_job(rendered("cpu-tune"))
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] >= 1
+    retries = spec.get("backoffLimitPerIndex", spec.get("backoffLimit"))
+    assert retries is not None and 0 <= retries <= 5, "a worker that keeps failing must not retry forever"
+    assert spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    # bad input is the same for every worker: the whole Job stops
+    fail_job = [r for r in spec["podFailurePolicy"]["rules"] if r["action"] == "FailJob"]
+    assert any(2 in r["onExitCodes"]["values"] and 3 not in r["onExitCodes"]["values"] for r in fail_job)
+
+
+def test_every_tune_worker_shares_one_budget_and_study_but_has_its_own_out():
+    job, container = _tune_job(rendered("cpu-tune"))
+    argv = _tune_argv(container)
+    assert argv[:3] == ["cnnloop", "tune", "/data/train"] and "--quiet" in argv
+    trials, study, out = _flag(argv, "--trials"), _flag(argv, "--study"), _flag(argv, "--out")
+    # One pod template for all indexes, and nothing index-dependent in the shared settings: every
+    # worker counts toward the same total in the same study.
+    for value in (trials, study):
+        assert "$" not in value and "JOB_COMPLETION_INDEX" not in value, value
+    assert re.fullmatch(r"[A-Za-z0-9_.-]+", study), study
+    assert int(trials) >= job["spec"]["parallelism"], "fewer trials than workers leaves workers idle"
+    assert "$(JOB_COMPLETION_INDEX)" in out, out
+    writable = [Path(m["mountPath"]) for m in container["volumeMounts"] if not m.get("readOnly")]
+    assert any(m in Path(out).parents for m in writable), f"--out {out} is not on a writable volume"
+    # the study's storage (with its password) never appears in the pod spec
+    assert "--storage" not in argv and "postgresql://" not in json.dumps(job)
+
+
+def test_tune_storage_comes_from_the_secret_and_defaults_to_the_postgres_component(tmp_path):
+    from urllib.parse import urlsplit
+
+    objs = rendered("cpu-tune")
+    _, container = _tune_job(objs)
+    (entry,) = [e for e in container["env"] if e["name"] == "CNNLOOP_TUNE_STORAGE"]
+    assert "value" not in entry
+    ref = entry["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "CNNLOOP_TUNE_STORAGE" and not ref.get("optional")
+    secret = one(objs, "Secret")
+    assert ref["name"] == secret["metadata"]["name"]
+    url = urlsplit(base64.b64decode(secret["data"]["CNNLOOP_TUNE_STORAGE"]).decode())
+    assert url.scheme.startswith("postgresql"), "SQLite cannot be shared across pods"
+    assert "REPLACE-ME" in url.password, "the placeholder must fail closed"
+    with_postgres = _overlay(tmp_path, "resources: [K8S/overlays/cpu-tune]\ncomponents: [K8S/components/postgres]\n")
+    service = one(with_postgres, "Service", "cnnloop-postgres")
+    assert (url.hostname, url.port) == (service["metadata"]["name"], service["spec"]["ports"][0]["port"])
+
+
+def test_a_private_overlay_replacing_the_secret_keeps_the_tune_storage(tmp_path):
+    url = "postgresql://optuna:pw@db.example.com:5432/optuna"
+    secrets = ("CNNLOOP_API_TOKEN=" + "a" * 24 + "\nCNNLOOP_PREDICT_TOKEN=\n"
+               "CNNLOOP_LOG_URL=postgresql://cnnloop:pw@db.example.com:5432/cnnloop\n"
+               f"CNNLOOP_TUNE_STORAGE={url}\n")
+    replace = "secretGenerator:\n  - {name: cnnloop-secrets, behavior: replace, envs: [secrets.env]}\n"
+    # the private overlay on top of the component's overlay, and the component on top of a private overlay
+    on_top, below, tune = tmp_path / "on-top", tmp_path / "prod", tmp_path / "tune"
+    for d in (on_top, below, tune):
+        d.mkdir()
+    for d in (on_top, below):
+        (d / "secrets.env").write_text(secrets)
+    layered = [_overlay(on_top, "resources: [K8S/overlays/cpu-tune]\n" + replace)]
+    _overlay(below, "resources: [K8S/overlays/cpu]\n" + replace)
+    layered.append(_overlay(tune, "resources: [../prod]\ncomponents: [K8S/components/tuning]\n"))
+    for objs in layered:
+        assert base64.b64decode(one(objs, "Secret")["data"]["CNNLOOP_TUNE_STORAGE"]).decode() == url
+        assert dangling_config_refs(objs) == []
+        _tune_job(objs)
+
+
+def test_tune_workers_read_the_training_data_read_only_and_size_torch_to_their_cpu_limit():
+    job, container = _tune_job(rendered("cpu-tune"))
+    pod = job["spec"]["template"]["spec"]
+    data = Path(_tune_argv(container)[2])
+    (mount,) = [m for m in container["volumeMounts"] if Path(m["mountPath"]) in (data, *data.parents)]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["persistentVolumeClaim"] == {"claimName": "cnnloop-training-data", "readOnly": True}
+    assert container["image"].startswith(TRAIN_IMAGE + ":") and pod["securityContext"]["runAsUser"] == TRAIN_UID
+    for name in ("CNNLOOP_TRAIN_NUM_THREADS", "OMP_NUM_THREADS"):
+        (entry,) = [e for e in container["env"] if e["name"] == name]
+        assert entry["valueFrom"]["resourceFieldRef"]["resource"] == "limits.cpu", name
+        assert entry["valueFrom"]["resourceFieldRef"].get("containerName", "tune") == container["name"]
 
 
 # --- tests: components and private overlays ---------------------------------------------------------
