@@ -48,3 +48,26 @@ def plot_confusion(matrix: list[list[int]], classes: list[str], path: Path, titl
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_lr_find(result: dict, path: Path) -> None:
+    """Loss vs head lr of `cnnloop lr-find` (training.lr_find), each suggestion a vertical line."""
+    lrs = [p["lr_head"] for p in result["points"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.plot(lrs, [p["loss"] for p in result["points"]], color="C0", alpha=0.3, lw=1, label="loss")
+    ax.plot(lrs, [p["smoothed_loss"] for p in result["points"]], color="C0", lw=2, label="smoothed loss")
+    for i, (name, s) in enumerate(result["suggestions"].items(), 1):
+        star = " (recommended)" if name == result["recommended"] else ""
+        ax.axvline(s["head_lr"], color=f"C{i}", ls="--", lw=1, label=f"{name} {s['head_lr']:.2e}{star}")
+    ax.set_xscale("log")
+    # The blow-up that ends a sweep is 10-100x the start: it would flatten the part worth reading.
+    losses = [p[k] for p in result["points"] for k in ("loss", "smoothed_loss")]
+    ax.set_ylim(min(losses) * 0.95, min(max(losses), 1.5 * result["points"][0]["smoothed_loss"]) * 1.05)
+    ax.set_xlabel(f"head learning rate (open backbone stages: {result.get('open_stages', '?')})")
+    ax.set_ylabel("training loss")
+    ax.set_title("learning-rate range test" + (" (stopped: diverged)" if result["diverged"] else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
