@@ -29,8 +29,8 @@ def _help(path: tuple[str, ...]) -> str:
 
 def test_the_cli_has_the_documented_subcommands():
     names = {" ".join(path) for path, _ in LEAVES}
-    assert {"data digits", "train", "cv", "evaluate", "export", "registry list", "registry show", "registry promote",
-            "registry rollback", "serve", "drift", "retrain", "demo"} <= names
+    assert {"data digits", "train", "cv", "compare", "evaluate", "export", "registry list", "registry show", "registry promote",
+            "registry rollback", "serve", "drift", "retrain", "demo", "lr-find"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=lambda p: " ".join(p) or "cnnloop")

@@ -57,6 +57,10 @@ NOT_RUN = {
     "kubectl apply -k k8s/overlays/gpu-train -n cnnloop": "needs a cluster; the overlay is rendered here",
     "kubectl -n cnnloop logs -f job/cnnloop-train": "needs a cluster",
     "cnnloop registry promote VERSION": "the same command as `registry promote v20261124-...`, run here",
+    "cnnloop lr-find path/to/images --apply recipe.yaml": "100 steps take a minute on a CPU; tests/test_lr_find.py "
+        "runs lr-find with --apply on digits through the CLI",
+    "cnnloop compare path/to/images --backbones efficientnet_lite0,efficientnet_lite1,efficientnet_lite2 --out compare/":
+        "15 trainings and 3 exports (minutes); tests/test_compare.py runs compare on digits through the CLI",
     "cnnloop log import-s3 --data-dir s3://bucket/svc": "needs an S3 log of the pre-SQL layout and a database: "
         "tests/test_prediction_log.py runs it against a moto S3 server and a real PostgreSQL",
 }
@@ -69,6 +73,8 @@ RUN = (
     "cnnloop train path/to/images --out runs/accurate --backbone efficientnet_lite2 --strategy freeze",
     "cnnloop evaluate runs/mine path/to/folder --out eval/",
     "cnnloop cv path/to/images --folds 5 --json cv.json",
+    "cnnloop tune path/to/images --trials 8 --timeout 1h --out tune/",
+    "cnnloop train path/to/images --config tune/best_config.yaml --out runs/tuned",
     "export CNNLOOP_REGISTRY=./registry",
     "cnnloop export runs/mine --promote production",
     "cnnloop registry list",
@@ -221,6 +227,19 @@ def test_cv_writes_mean_and_std_over_five_folds(ws):
     assert len(cv["linear_probe"]["folds"]) == 5 and isinstance(cv["beats_linear_probe"], bool)
     assert "linear probe" in out
     assert PROGRESS_BAR in out
+
+
+def test_tune_searches_and_its_best_config_trains(ws):
+    out = ws.readme("cnnloop tune path/to/images --trials 8 --timeout 1h --out tune/")
+    summary = json.loads((ws.root / "tune/summary.json").read_text())
+    assert summary["counted_trials"] == 8 and summary["best"] is not None
+    assert summary["fixed"] == {} and "image_size" not in summary["space"]  # the env's 64 px is fixed, not searched
+    assert "linear probe" in out and "best config" in out
+    assert PROGRESS_BAR in out
+    for name in ("best_config.yaml", "trials.json", "optimization_history.png", "param_importances.png"):
+        assert (ws.root / "tune" / name).is_file(), name
+    ws.readme("cnnloop train path/to/images --config tune/best_config.yaml --out runs/tuned")
+    assert (ws.root / "runs/tuned/metrics.json").is_file()
 
 
 def test_export_prints_the_new_version_and_promotes_it(ws):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import typer
 
 from training.cli import data_cmd, demo_cmd, export_cmd, registry_cmd, train_cmd
-from training.cli import drift_cmd, log_cmd, retrain_cmd, serve_cmd
+from training.cli import compare_cmd, tune_cmd
+from training.cli import drift_cmd, log_cmd, lr_find_cmd, retrain_cmd, serve_cmd
 
 app = typer.Typer(
     name="cnnloop",
@@ -16,6 +17,9 @@ app = typer.Typer(
 )
 app.add_typer(data_cmd.app, name="data")
 train_cmd.register(app)
+compare_cmd.register(app)
+tune_cmd.register(app)
+lr_find_cmd.register(app)
 demo_cmd.register(app)
 serve_cmd.register(app)
 export_cmd.register(app)

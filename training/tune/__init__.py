@@ -1,0 +1,1 @@
+"""`cnnloop tune`: the search space, the objective, the shared study and its outputs."""
