@@ -131,6 +131,8 @@ def _print_verdict(s: dict, out: Path) -> None:
     if base:
         line += f"; base recipe {base['value']:.4f} ({best['value'] - base['value']:+.4f})"
     console.print(line, highlight=False)
+    if floor is None:
+        return
     gap = best["value"] - floor["value"]
     console.print(f"linear probe {floor['value']:.4f}: the best recipe " + (f"beats it by {gap:+.4f}." if s["beats_linear_probe"]
                   else f"does NOT beat it ({gap:+.4f}): a frozen-feature probe does as well."), highlight=False)

@@ -207,10 +207,12 @@ def _summarise(study, objective: Objective, opts: TuneOptions, base: TrainConfig
     if not report.completed(study):
         return summary
     best = study.best_trial
-    best_cfg = objective.config_for(best.params)
-    floor = objective.probe_floor(best_cfg)
     summary["best"] = {"number": best.number, "value": best.value, "params": best.params,
                        "fold_std": best.user_attrs.get("fold_std")}
+    if stopped_by == "interrupt":
+        return summary  # Ctrl-C means now: the floor is scored when the study ends
+    best_cfg = objective.config_for(best.params)
+    floor = objective.probe_floor(best_cfg)
     summary["linear_probe"] = {**floor, "what": f"frozen {best_cfg.backbone} features at the best config's resolution, "
                                "logistic regression (C by inner CV), same folds/split"}
     summary["beats_linear_probe"] = best.value > floor["value"]

@@ -44,9 +44,12 @@ def open_study(url: str, name: str, sampler, pruner):
     if url.startswith("sqlite:///"):
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                   direction="maximize", load_if_exists=True)
+        # Workers starting together on an empty database would race to create Optuna's tables
+        # (a UniqueViolation in PostgreSQL's catalog): one at a time, under the study's lock.
+        with budget_lock(url, name):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                       direction="maximize", load_if_exists=True)
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as e:
         raise StorageError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from None
 
