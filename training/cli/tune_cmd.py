@@ -1,6 +1,7 @@
 """`cnnloop tune`: hyperparameter search over the training recipe (Optuna TPE, pruning, shared studies)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -107,7 +108,7 @@ def register(app: typer.Typer) -> None:
                 summary = tune(data, out, cfg, opts, fixed, console=console, show_progress=not quiet)
             except KeyboardInterrupt:
                 fail("interrupted; the study is kept: run the same command to resume it", EXIT_INTERRUPTED)
-        rows = __import__("json").loads((out / report.TRIALS).read_text())
+        rows = json.loads((out / report.TRIALS).read_text())
         console.print(_trials_table(summary, rows))
         _print_verdict(summary, out)
         if json_out:

@@ -25,6 +25,7 @@ from training.image_cache import DecodedImages, decode_files
 from training.linear_probe import frozen_features, probe_scores
 from training.model import build_classifier
 from training.progress import ProgressBars
+from training.tune.study import ALIVE_AT
 
 METRICS = {"accuracy": "val_accuracy", "macro_f1": "val_macro_f1"}
 
@@ -80,7 +81,7 @@ class Objective:
                 if trial is None:
                     return
                 trial.set_user_attr("epochs_trained", epochs)
-                trial.set_user_attr("alive_at", time.time())
+                trial.set_user_attr(ALIVE_AT, time.time())  # the heartbeat fail_stale reads
                 trial.report(row[METRICS[self.metric]], step=fold * cfg.epochs + row["epoch"])
                 if trial.should_prune():
                     raise TrialPrunedSignal(f"pruned at fold {fold + 1}, epoch {row['epoch'] + 1}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,8 @@ class SearchSpace:
 
 
 def _is_int_field(name: str) -> bool:
-    return "int" in str(TrainConfig.model_fields[name].annotation) and "float" not in str(TrainConfig.model_fields[name].annotation)
+    annotation = TrainConfig.model_fields[name].annotation  # int, or int | None
+    return int in (typing.get_args(annotation) or (annotation,))
 
 
 def _check_value(name: str, value: Any, base: TrainConfig, where: str) -> None:
@@ -156,17 +158,13 @@ def load_space(path: Path | None, base: TrainConfig, fixed_by_user: set[str] = f
 
 def check_backbones(space: SearchSpace, base: TrainConfig) -> None:
     """Every backbone a trial may draw has weights at hand, or the search fails now rather than mid-study."""
-    from training.backbones import get_backbone_spec
+    from training.backbones import check_weights_at_hand, get_backbone_spec
 
     names = space.params["backbone"].choices if "backbone" in space.params else (space.fixed.get("backbone", base.backbone),)
+    if base.weights != "default" and len(names) > 1:
+        raise TrainingError(f"weights {base.weights!r} fit one backbone, but the space searches {list(names)}; "
+                            "fix `backbone` in --space or leave --weights at 'default'")
     for name in names:
-        spec = get_backbone_spec(name)  # unknown names: a TrainingError that suggests close ones
-        if base.weights != "default":
-            if len(names) > 1:
-                raise TrainingError(f"weights {base.weights!r} fit one backbone, but the space searches {list(names)}; "
-                                    "fix `backbone` in --space or leave --weights at 'default'")
-            continue
-        if spec.default_weights is None:
-            raise TrainingError(f"backbone {name!r} has no offline weights; drop it from the space's backbone choices "
-                                "or fix backbone and give --weights FILE")
-        spec.default_weights()  # raises when the weights package is not installed
+        # Unknown names fail in get_backbone_spec, with close matches.
+        check_weights_at_hand(get_backbone_spec(name), base.weights, "drop it from the space's backbone choices, "
+                              "or fix backbone and give --weights FILE")

@@ -33,7 +33,7 @@ def storage_url(given: str | None, out: Path) -> str:
     url = sqlalchemy_url(given)
     if url is not None:
         return url
-    raise TrainingError(f"--storage {given.split('@')[-1]!r} is not a storage cnnloop tune can share: give "
+    raise TrainingError(f"--storage {redact(given)!r} is not a storage cnnloop tune can share: give "
                         "sqlite:///path/study.db (one machine) or postgresql://user:password@host:5432/db (many workers)")
 
 
