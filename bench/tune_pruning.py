@@ -86,6 +86,12 @@ def main() -> int:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         pruned_rows = run(args.data, "median", trials, base, Path(tmp))
+        unfinished = [f'trial {r["number"]}: {r["state"]}' for r in pruned_rows if r["state"] not in ("COMPLETE", "PRUNED")]
+        if unfinished or not any(r["state"] == "COMPLETE" for r in pruned_rows):
+            # A comparison needs every trial either finished or pruned, and one finished to re-run as a check.
+            print(f"bench stopped before its trials finished ({', '.join(unfinished) or 'no trial completed'}); nothing is reported",
+                  file=sys.stderr)
+            return 1
         rerun_idx = [r["number"] for r in pruned_rows if r["state"] == "PRUNED"]
         check_idx = next(r["number"] for r in pruned_rows if r["state"] == "COMPLETE")
         full_rows = run(args.data, "none", [trials[i] for i in rerun_idx + [check_idx]], base, Path(tmp))
