@@ -60,10 +60,10 @@ def build_reference(run_dir: Path, bundle_dir: Path):
     The reference holds the bundle's arrays as shipped (PCA basis fitted on training embeddings),
     plus, for the OLD_MMD column only, the validation embeddings projected on a basis fitted on
     themselves, as exporters before 7dc6963 shipped it."""
-    from exporters.bundle_export import export_bundle
+    from exporters.export.bundle_writer import export_bundle
     from exporters.onnx_runtime import OnnxClassifier
     from exporters.reference_stats import MAX_SAMPLE, fit_pca, load_reference, project
-    from training.run_to_bundle import read_export_inputs
+    from training.run.publish import read_export_inputs
 
     inputs = read_export_inputs(run_dir)
     run = inputs.run
@@ -175,7 +175,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from exporters.preprocess import load_model_input
-    from training.datasets import labeled_folder
+    from training.data.sources import labeled_folder
     from training.drift import stats
 
     started = time.perf_counter()
@@ -214,7 +214,7 @@ def exporter_commit() -> str:
     """Last commit touching the exporter, plus '+dirty' when the working tree differs from it."""
     import subprocess
 
-    paths = ["exporters/bundle.py", "exporters/bundle_export.py", "exporters/reference_stats.py"]
+    paths = ["exporters/model_store/bundle.py", "exporters/export/bundle_writer.py", "exporters/reference_stats.py"]
     git = ["git", "-C", str(ROOT)]
     try:
         sha = subprocess.run([*git, "log", "-1", "--format=%h", "--", *paths],

@@ -28,7 +28,7 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "val"
 
 def load_bench_images(data: Path, classes: list[str], policy) -> tuple[np.ndarray, np.ndarray]:
     from exporters.preprocess import load_model_input
-    from training.datasets import labeled_folder
+    from training.data.sources import labeled_folder
 
     files = labeled_folder(data, classes)
     return np.stack([load_model_input(p, policy) for p in files.paths]), files.labels
@@ -49,8 +49,8 @@ def time_passes(predict, images: np.ndarray, batch: int, reps: int) -> tuple[flo
 
 
 def export_run(run_dir: Path, out_dir: Path):
-    from exporters.bundle_export import export_bundle
-    from training.run_to_bundle import read_export_inputs
+    from exporters.export.bundle_writer import export_bundle
+    from training.run.publish import read_export_inputs
 
     inputs = read_export_inputs(run_dir)
     run = inputs.run
@@ -71,7 +71,7 @@ def main() -> None:
     import onnxruntime
     import torch
 
-    from exporters.onnx_export import Uint8ImageClassifier
+    from exporters.export.onnx_graph import Uint8ImageClassifier
     from exporters.onnx_runtime import OnnxClassifier
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -63,11 +63,11 @@ sys.path.insert(0, "bench")
 import onnxruntime as ort
 import torch
 
-from exporters.bundle_export import export_bundle
-from exporters.onnx_export import PARITY_TOLERANCE, parity_figures
+from exporters.export.bundle_writer import export_bundle
+from exporters.export.onnx_graph import PARITY_TOLERANCE, parity_figures
 from exporters.onnx_runtime import OnnxClassifier
 from export import load_bench_images, time_passes  # bench/export.py
-from training.run_to_bundle import read_export_inputs
+from training.run.publish import read_export_inputs
 
 work, data, batch = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 gpu = torch.cuda.get_device_name(0)

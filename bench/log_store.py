@@ -61,7 +61,8 @@ LEGACY_COMMIT = "315fe28"
 from bench.delay_proxy import DelayProxy  # noqa: E402
 from bench.log_store_tools import (S3RequestCounter, count_statements, load_legacy_log_module, moto_s3,  # noqa: E402
                                    postmaster_pid, tree_cpu_s, via_proxy)
-from exporters.prediction_log import PredictionRecord, encode_embedding, new_record_id, open_prediction_log  # noqa: E402
+from exporters.prediction_log.records import PredictionRecord, encode_embedding, new_record_id  # noqa: E402
+from exporters.prediction_log.sql import open_prediction_log  # noqa: E402
 
 # Synthetic log traffic: three model versions side by side (2, 5 and 10 classes); the drift check
 # reads the newest, which serves half the traffic. 1% of predictions get feedback, 10% of those twice.
@@ -316,7 +317,7 @@ def analyze_postgres(log) -> bool:
 def fill_sql(log, have: int, target: int, rng: np.random.Generator) -> None:
     from sqlalchemy import insert
 
-    from exporters import log_schema
+    from exporters.prediction_log import schema as log_schema
 
     for start in range(have, target, FILL_BATCH):
         records, feedback = synthetic_batch(rng, start, min(FILL_BATCH, target - start))

@@ -18,7 +18,7 @@ class NaiveClassifier:
         import torch
         from torchvision import transforms
 
-        from training.run_dir import load_run
+        from training.run.files import load_run
 
         run = load_run(Path(os.environ["CNNLOOP_NAIVE_RUN"]))
         self.torch = torch

@@ -53,7 +53,7 @@ def load_jpegs(folder: Path) -> list[tuple[str, bytes]]:
 
 def prepare_model(workdir: Path) -> tuple[str, Path]:
     """Train a small hymenoptera model, publish and promote it; (registry uri, run dir)."""
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
     from tests.service_server import export_and_publish
     from training.config import load_train_config
     from training.train import train
@@ -80,7 +80,7 @@ def in_process_limit(registry_uri: str, images: list[tuple[str, bytes]], workdir
 
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
     from exporters.cpus import available_cpus
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "inproc_bundle")

@@ -98,7 +98,7 @@ def single_image_latency(registry_uri: str, images: list[tuple[str, bytes]], wor
     """p50/p95 of decode + preprocess + one single-threaded ORT call at batch 1, one image at a time."""
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     bundle = Registry.open(registry_uri).fetch("production", workdir / "latency_bundle")
     model, fetched = load_bundle_model(bundle, threads=1)

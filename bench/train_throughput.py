@@ -27,8 +27,8 @@ DEFAULT_DATA = ROOT.parent / "shared" / "datasets" / "hymenoptera" / "train"
 
 def _split_files(data: Path, seed: int = 0):
     """The same carved val split cnnloop uses, so both contenders train and validate on the same images."""
-    from training.datasets import discover
-    from training.splits import stratified_split
+    from training.data.sources import discover
+    from training.data.stratify import stratified_split
 
     src = discover(data).train
     keep, held = stratified_split(src.labels, 0.15, seed + 1)
@@ -55,8 +55,8 @@ def run_baseline(data: Path, epochs: int, batch: int) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    from training.backbones import get_backbone_spec
-    from training.model import build_classifier
+    from training.model.backbones import get_backbone_spec
+    from training.model.classifier import build_classifier
 
     torch.manual_seed(0)
     train_files, val_files = _split_files(data)

@@ -101,7 +101,7 @@ def main() -> int:
     # Unpruned study = the completed trials as they ran + the pruned ones trained to the end.
     unpruned_rows = [r for r in pruned_rows if r["state"] == "COMPLETE"] + full_rows[:-1]
     pruned, full = totals(pruned_rows), totals(unpruned_rows)
-    from training.datasets import discover
+    from training.data.sources import discover
 
     # The val split tune scores on holds about val_fraction of the images (test is carved beside it).
     n_val = round(len(discover(args.data).train.paths) * base.val_fraction)

@@ -47,7 +47,7 @@ class StoreLocations(BaseSettings):
     @field_validator("log_url")
     @classmethod
     def _log_url_is_a_database(cls, v: str | None) -> str | None:
-        from exporters.sql_log import database_url
+        from exporters.prediction_log.sql import database_url
 
         v = (v or "").strip()
         if not v:  # an empty Secret value means the default, as unset does
@@ -66,7 +66,7 @@ class LogLocations(StoreLocations):
 
     @model_validator(mode="after")
     def _log_has_a_database(self) -> "LogLocations":
-        from exporters.sql_log import database_url
+        from exporters.prediction_log.sql import database_url
 
         database_url(self.data_dir, self.log_url)  # LogUrlError (a ValueError) naming the fix
         return self

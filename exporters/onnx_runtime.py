@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from exporters.bundle import Bundle, read_bundle
+from exporters.model_store.bundle import Bundle, read_bundle
 from exporters.cpus import available_cpus
 from exporters.errors import ExportError
 

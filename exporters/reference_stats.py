@@ -2,7 +2,7 @@
 
 Small figures (class prior, accuracy, ECE, temperature) go into bundle metadata; arrays (a sample
 of validation softmax outputs, the PCA basis and the projected embedding sample) go into
-`reference.npz` (exporters.bundle names it and reads it back), so the service loads them without torch.
+`reference.npz` (exporters.model_store.bundle names it and reads it back), so the service loads them without torch.
 """
 from __future__ import annotations
 

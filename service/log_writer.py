@@ -27,7 +27,7 @@ from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from exporters.prediction_log import PredictionLog, PredictionRecord
+from exporters.prediction_log.records import PredictionLog, PredictionRecord
 
 log = logging.getLogger("cnnloop.service.log")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from exporters.prediction_log import FEEDBACK, LABELED_UPLOAD
+from exporters.prediction_log.records import FEEDBACK, LABELED_UPLOAD
 from service.live_drift import DriftScores
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.bundle import Bundle, read_reference_stats
+from exporters.model_store.bundle import Bundle, read_reference_stats
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
 from exporters.preprocess import ResizePolicy
 from service.settings import ServiceSettings
@@ -90,7 +90,7 @@ class CheckOutcome:
 
 
 def read_reference(bundle: Bundle) -> Reference:
-    """The bundle's reference (exporters.bundle); a uniform prior when it has none."""
+    """The bundle's reference (exporters.model_store.bundle); a uniform prior when it has none."""
     ref = read_reference_stats(bundle)
     n_classes = len(bundle.labels)
     prior = ref.class_prior

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from exporters.prediction_log import PredictionRecord, encode_embedding
+from exporters.prediction_log.records import PredictionRecord, encode_embedding
 from exporters.preprocess import (MAX_PIXELS, ImageDecodeError, ResizePolicy, TooManyPixels, load_array_input,
                                   load_model_input)
 from service.errors import Unprocessable

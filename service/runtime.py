@@ -16,10 +16,11 @@ from typing import Callable
 import numpy as np
 
 from exporters.onnx_runtime import choose_providers
-from exporters.prediction_log import (PredictionLog, PredictionRecord, is_record_id, new_record_id, open_prediction_log,
+from exporters.prediction_log.records import (PredictionLog, PredictionRecord, is_record_id, new_record_id,
                                       record_time)
+from exporters.prediction_log.sql import open_prediction_log
 from exporters.preprocess import ResizePolicy
-from exporters.registry import Registry
+from exporters.model_store.registry import Registry
 from service.batcher import AdaptiveBatcher
 from service.errors import NotFound, NotReady, Unprocessable
 from service.live_drift import LiveDrift

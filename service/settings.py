@@ -71,7 +71,7 @@ class ServiceSettings(LogLocations):
     @field_validator("alias")
     @classmethod
     def _known_alias(cls, v: str) -> str:
-        from exporters.registry import ALIASES
+        from exporters.model_store.registry import ALIASES
 
         if v not in ALIASES:
             raise ValueError(f"unknown alias; the registry has {', '.join(ALIASES)}")
@@ -109,7 +109,7 @@ class ServiceSettings(LogLocations):
 
     def public_view(self) -> dict[str, Any]:
         """What GET /info may show: everything except secrets."""
-        from exporters.sql_log import redact
+        from exporters.prediction_log.sql import redact
 
         out = self.model_dump(mode="json", exclude={"api_token", "predict_token"})
         out["log_url"] = redact(self.log_url) if self.log_url else None

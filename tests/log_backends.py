@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporters.prediction_log import open_prediction_log
+from exporters.prediction_log.sql import open_prediction_log
 
 BACKENDS = ("sqlite", "postgresql")
 

@@ -1,4 +1,4 @@
-"""The bundle format read back (exporters/bundle.py): typed fields, the retrain files of old and new
+"""The bundle format read back (exporters/model_store/bundle.py): typed fields, the retrain files of old and new
 bundles, the reference statistics, and refusals that say what to do."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporters.bundle import (BUNDLE_JSON, ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, read_bundle,
+from exporters.model_store.bundle import (BUNDLE_JSON, ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, read_bundle,
                               read_reference_stats, retrain_metadata)
 from exporters.errors import ExportError
 from exporters.onnx_runtime import pick_variant
@@ -117,10 +117,10 @@ def test_an_old_layout_bundle_rebuilds_the_classifier_that_was_saved(tmp_path):
     """One loader for run dirs and bundles: the warm start of an old bundle gets the very weights saved."""
     import torch
 
-    from training.backbones import get_backbone_spec
-    from training.model import build_classifier
+    from training.model.backbones import get_backbone_spec
+    from training.model.classifier import build_classifier
     from training.retrain.challenger import load_champion_model
-    from training.run_dir import load_run, save_model
+    from training.run.files import load_run, save_model
 
     spec = get_backbone_spec("efficientnet_lite0")
     model, _ = build_classifier(spec, num_classes=2, weights="none", dropout=0.0)

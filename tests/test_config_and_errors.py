@@ -4,7 +4,7 @@ from typer.testing import CliRunner
 
 from training.cli import app
 from training.config import load_train_config
-from training.datasets import discover
+from training.data.sources import discover
 from training.errors import TrainingError
 from training.train import train
 from tests.training_data import fast_config, make_digits, write_png

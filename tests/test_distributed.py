@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.distributed import DistributedWeightedSampler, state_fingerprint
+from training.loop.distributed import DistributedWeightedSampler, state_fingerprint
 from tests.training_data import make_digits
 
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from exporters.prediction_log import PredictionRecord, encode_embedding, new_record_id
+from exporters.prediction_log.records import PredictionRecord, encode_embedding, new_record_id
 from tests.log_backends import backend, sql_log  # noqa: F401  (fixtures: the log on SQLite and PostgreSQL)
 from training.drift.render import plot_report, print_report
 from training.drift.report import INSUFFICIENT, LiveWindow, ReferenceSet, build_report, window_from_records
@@ -135,7 +135,7 @@ def test_window_audits_label_changes_the_same_on_both_logs(log):
 def test_the_rendered_report_has_a_line_for_label_changes():
     from rich.console import Console
 
-    from exporters.prediction_log import LabelChanges
+    from exporters.prediction_log.records import LabelChanges
 
     live = window(40, 1)
     live.label_changes = LabelChanges(count=7, relabelled_predictions=2)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from training.backbones import get_backbone_spec
-from training.engine import EarlyStopping, make_optimizer, open_stages_at
-from training.model import build_classifier
+from training.model.backbones import get_backbone_spec
+from training.loop.steps import EarlyStopping, make_optimizer, open_stages_at
+from training.model.classifier import build_classifier
 from tests.training_data import fast_config
 
 

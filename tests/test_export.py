@@ -8,16 +8,16 @@ import numpy as np
 import onnx
 import pytest
 
-from exporters.bundle_export import LabeledImages, dataset_fingerprint, export_bundle
+from exporters.export.bundle_writer import LabeledImages, dataset_fingerprint, export_bundle
 from exporters.errors import ExportError
-from exporters.onnx_export import check_parity, torch_predict
+from exporters.export.onnx_graph import check_parity, torch_predict
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
 from exporters.reference_stats import (apply_temperature, expected_calibration_error, fit_pca, fit_temperature,
                                        load_reference, reference_statistics)
-from exporters.variants import build_and_judge, refusal_reason
+from exporters.export.variants import build_and_judge, refusal_reason
 from tests.training_data import fast_config, make_digits
-from training.run_to_bundle import read_export_inputs
-from training.run_dir import read_json
+from training.run.publish import read_export_inputs
+from training.run.files import read_json
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +227,7 @@ def test_dataset_fingerprint_changes_with_a_changed_image_not_with_a_moved_folde
 
 
 def test_bundle_round_trips_through_a_local_registry_with_the_same_predictions(bundle, run, tmp_path):
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     bundle_dir, metadata = bundle
     registry = Registry.open(str(tmp_path / "registry"))

@@ -64,7 +64,7 @@ def test_unreachable_registry_exits_3_before_exporting(run_dir, monkeypatch):
 
 def test_export_prints_only_the_version_id_and_the_registry_serves_it(run_dir, tmp_path):
     from exporters.onnx_runtime import load_bundle_model
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     registry_dir = tmp_path / "reg"
     result = _runner().invoke(app, ["export", str(run_dir), "--registry", str(registry_dir), "--variants", "int8",
@@ -80,7 +80,7 @@ def test_export_prints_only_the_version_id_and_the_registry_serves_it(run_dir, t
 
 
 def test_export_honours_the_s3_endpoint_variable_without_a_flag(run_dir, s3_bucket):
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     uri = s3_bucket.uri("models")
     result = _runner().invoke(app, ["export", str(run_dir), "--registry", uri, "--variants", "none"],

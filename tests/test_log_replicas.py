@@ -20,7 +20,7 @@ import httpx
 import psutil
 import pytest
 
-from exporters.prediction_log import open_prediction_log
+from exporters.prediction_log.sql import open_prediction_log
 from tests.service_server import published_model, serve, service_env  # noqa: F401  (fixture)
 from training.demo.service_process import kill_process_tree
 

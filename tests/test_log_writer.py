@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporters.prediction_log import PredictionRecord, new_record_id, open_prediction_log
+from exporters.prediction_log.records import PredictionRecord, new_record_id
+from exporters.prediction_log.sql import open_prediction_log
 from service.log_writer import LogWriter
 from service.metrics import ServiceMetrics
 

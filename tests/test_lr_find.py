@@ -11,15 +11,15 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from exporters.preprocess import ResizePolicy
-from training.backbones import get_backbone_spec
+from training.model.backbones import get_backbone_spec
 from training.cli import app
 from training.config import load_train_config
-from training.data_splits import prepare_splits
-from training.datasets import discover
+from training.data.splits import prepare_splits
+from training.data.sources import discover
 from training.errors import TrainingError
 from training.lr_find import apply_lr, find_lr, range_test, smooth, suggest_minimum, suggest_steepest, suggest_valley
-from training.model import build_classifier
-from training.train_loader import make_criterion, make_train_loader
+from training.model.classifier import build_classifier
+from training.loop.batches import make_criterion, make_train_loader
 from tests.training_data import fast_config, make_digits
 
 SMALL = ["--image-size", "32", "--batch-size", "16", "--no-hflip", "--num-threads", "2"]

@@ -19,8 +19,8 @@ from PIL.JpegImagePlugin import JpegImageFile
 from exporters.preprocess import (ImageDecodeError, ResizePolicy, TooManyPixels, decode_resized_square,
                                   load_array_input, load_model_input)
 from tests.service_server import published_model, serve, service_env  # noqa: F401
-from training.datasets import discover
-from training.image_cache import decode_files
+from training.data.sources import discover
+from training.data.decode import decode_files
 
 T = Image.Transpose
 POLICY = ResizePolicy.for_crop(64)

@@ -1,4 +1,4 @@
-"""The prediction log (exporters.prediction_log, exporters.sql_log) on SQLite and on a real PostgreSQL server:
+"""The prediction log (exporters.prediction_log.records, exporters.prediction_log.sql) on SQLite and on a real PostgreSQL server:
 record ids, feedback, replicas writing at once, schema versions, indexed window reads, old layouts."""
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from exporters.log_schema import SCHEMA_VERSION, SchemaTooNew
-from exporters.prediction_log import (FEEDBACK, LABELED_UPLOAD, PredictionRecord, new_record_id, open_prediction_log,
+from exporters.prediction_log.schema import SCHEMA_VERSION, SchemaTooNew
+from exporters.prediction_log.records import (FEEDBACK, LABELED_UPLOAD, PredictionRecord, new_record_id,
                                       record_date)
-from exporters.sql_log import LogUrlError, database_url, redact
+from exporters.prediction_log.sql import open_prediction_log
+from exporters.prediction_log.sql import LogUrlError, database_url, redact
 from exporters.storage import StorageError
 from tests.log_backends import backend, log_url_for, sql_log  # noqa: F401  (fixtures)
 
@@ -217,7 +218,7 @@ def test_an_unreachable_database_is_a_storage_error_naming_the_url_without_passw
 
 
 def test_a_legacy_s3_log_moves_into_the_database_once(sql_log, s3_bucket):
-    from exporters.legacy_s3_log import import_legacy_s3_log
+    from exporters.prediction_log.legacy_s3 import import_legacy_s3_log
     from exporters.storage import open_store
 
     store = open_store(s3_bucket.uri("svc"), endpoint_url=s3_bucket.endpoint_url)

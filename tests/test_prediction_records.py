@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from exporters.prediction_log import decode_embedding, is_record_id, new_record_id
+from exporters.prediction_log.records import decode_embedding, is_record_id, new_record_id
 from exporters.preprocess import MAX_PIXELS, ResizePolicy
 from service.errors import Unprocessable
 from service.predictions import (build_prediction_record, embeddings_to_log, model_input, predict_answer,

@@ -8,11 +8,11 @@ from PIL import Image
 from sklearn.datasets import load_sample_images
 
 from exporters.preprocess import ImageDecodeError, ResizePolicy, center_crop, load_model_input
-from training.augment import eval_crop, train_transform
-from training.backbones import get_backbone_spec, load_pretrained_network
+from training.data.augment import eval_crop, train_transform
+from training.model.backbones import get_backbone_spec, load_pretrained_network
 from training.errors import TrainingError
-from training.datasets import LabeledFiles
-from training.image_cache import decode_files
+from training.data.sources import LabeledFiles
+from training.data.decode import decode_files
 
 PALACE, DAISY, HONEYCOMB = 698, 985, 599
 

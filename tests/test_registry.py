@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporters.errors import AliasMoved, RegistryError, StorageError
-from exporters.registry import HISTORY_LIMIT, Registry
+from exporters.model_store.registry import HISTORY_LIMIT, Registry
 from tests.s3_server import S3Bucket, free_port
 
 

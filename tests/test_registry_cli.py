@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from exporters.registry import Registry
+from exporters.model_store.registry import Registry
 from tests.s3_server import free_port
 from training.cli.registry_cmd import app
 

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy, load_model_input
-from exporters.registry import Registry
+from exporters.model_store.registry import Registry
 from exporters.storage import open_store
 from service.metrics import ServiceMetrics
 from service.request_validation import FeedbackIn, Upload
@@ -29,7 +29,7 @@ from training.retrain.gate import Holdout, promotion_verdict, score_bundle
 from training.retrain.job import retrain_once
 from training.retrain.lock import LockHeld, StoreLock
 from training.retrain.settings import LoopSettings
-from training.run_to_bundle import publish_run
+from training.run.publish import publish_run
 from training.train import train
 
 pytestmark = pytest.mark.slow

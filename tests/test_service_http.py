@@ -73,7 +73,7 @@ def _in_process_probabilities(model, paths: list[Path], tmp: Path):
 
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     classifier, bundle = load_bundle_model(Registry.open(str(model.registry)).fetch(model.version, tmp), prefer_gpu=False)
     return classifier.run(np.stack([load_model_input(p, bundle.policy) for p in paths]))[0]

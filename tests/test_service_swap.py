@@ -15,7 +15,7 @@ from tests.service_server import published_model, serve, service_env  # noqa: F4
 
 def republish(registry_dir: Path, version: str, work: Path, tamper=None) -> str:
     """Publish version's bundle again as a new version (optionally after `tamper(bundle_dir)`)."""
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     registry = Registry.open(str(registry_dir))
     bundle = registry.fetch(version, work / f"fetch-{time.time_ns()}")
@@ -43,7 +43,7 @@ def _image(model) -> tuple[str, bytes]:
 
 
 def test_swap_during_a_stream_of_concurrent_requests_fails_none(setup, published_model):
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     server, name_bytes = setup["server"], _image(published_model)
     results: list[list[tuple[int, str | None]]] = [[] for _ in range(6)]
@@ -95,7 +95,7 @@ def _garbage_graphs(bundle: Path) -> None:
 
 @pytest.mark.parametrize("how", ["fails_checksum", "fails_to_load"])
 def test_a_bad_bundle_is_refused_counted_and_the_old_model_keeps_serving(setup, published_model, how):
-    from exporters.registry import Registry
+    from exporters.model_store.registry import Registry
 
     server, registry = setup["server"], setup["registry"]
     with server.client() as c:

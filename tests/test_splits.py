@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from training.errors import TrainingError
-from training.splits import stratified_kfold, stratified_split
+from training.data.stratify import stratified_kfold, stratified_split
 
 LABELS = np.repeat(np.arange(3), [30, 12, 7])
 

@@ -7,21 +7,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import training.fit as fit_module
+import training.loop.fit as fit_module
 import training.train as train_module
 from exporters.preprocess import ResizePolicy
-from training.augment import eval_crop
-from training.backbones import get_backbone_spec
+from training.data.augment import eval_crop
+from training.model.backbones import get_backbone_spec
 from training.cv import cross_validate
-from training.datasets import labeled_folder
-from training.engine import predict
+from training.data.sources import labeled_folder
+from training.loop.steps import predict
 from training.errors import TrainingError
 from training.evaluate import evaluate_run
-from training.image_cache import DecodedImages, decode_files
-from training.model import build_classifier
-from training.run_dir import load_run
+from training.data.decode import DecodedImages, decode_files
+from training.model.classifier import build_classifier
+from training.run.files import load_run
 from training.train import train
-from training.train_loader import make_criterion, make_train_loader
+from training.loop.batches import make_criterion, make_train_loader
 from tests.training_data import fast_config, make_digits, write_png
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from training.config import TrainConfig, load_train_config
-from training.digits import write_digits
+from training.data.digits import write_digits
 
 # A recipe small enough for a CPU unit test: 64 px inputs, a few epochs, no flips (digits).
 FAST = dict(image_size=64, epochs=3, batch_size=16, hflip=False, num_threads=2, patience=10)

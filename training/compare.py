@@ -3,9 +3,9 @@
 For each backbone (the base config with only `backbone` and its weights changed; `image_size` the
 backbone's default unless the user fixed it): k-fold CV with its linear-probe floor
 (`training.cv.cross_validate`), the wall time of the fits, the last fold's fitted model exported
-to one ONNX file (`exporters.onnx_export`, parity-checked on that fold's held-out images), and
+to one ONNX file (`exporters.export.onnx_graph`, parity-checked on that fold's held-out images), and
 ONNX Runtime CPU images/s and latency of every graph timed in the same process, round-robin
-(`exporters.ort_timing`). The folds come from `stratified_kfold(labels, K, seed)`, so they are the
+(`exporters.export.ort_timing`). The folds come from `stratified_kfold(labels, K, seed)`, so they are the
 same for every backbone as long as the same files decode; this is checked, not assumed.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy
-from training.backbones import BackboneSpec, check_weights_at_hand, get_backbone_spec
+from training.model.backbones import BackboneSpec, check_weights_at_hand, get_backbone_spec
 from training.config import TrainConfig
 from training.errors import TrainingError
 
@@ -101,7 +101,7 @@ def _cross_validate_one(data: Path, c: Contender, folds: int, console: Console, 
 
 def _export(c: Contender, model, held_out: list, out_dir: Path) -> dict:
     """The model to one self-contained ONNX file, refused if ORT disagrees with torch on held-out images."""
-    from exporters.onnx_export import check_parity, export_onnx, torch_predict
+    from exporters.export.onnx_graph import check_parity, export_onnx, torch_predict
     from exporters.onnx_runtime import OnnxClassifier
     from exporters.preprocess import load_model_input
 
@@ -139,7 +139,7 @@ def compare_backbones(data: Path, contenders: list[Contender], folds: int, out_d
     writes compare.json and compare.png). Raises TrainingError if two backbones saw different folds."""
     from exporters.cpus import available_cpus
     from exporters.onnx_runtime import OnnxClassifier
-    from exporters.ort_timing import time_round_robin
+    from exporters.export.ort_timing import time_round_robin
     from training.progress import make_progress
 
     if folds < 2:

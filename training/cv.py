@@ -9,17 +9,17 @@ import numpy as np
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy
-from training.backbones import get_backbone_spec
+from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
-from training.data_splits import Splits
-from training.datasets import discover
-from training.engine import resolve_device
+from training.data.splits import Splits
+from training.data.sources import discover
+from training.loop.steps import resolve_device
 from training.errors import TrainingError
-from training.fit import FitResult, fit_model, score_split, seed_everything
-from training.image_cache import DecodedImages, decode_files
-from training.model import build_classifier
+from training.loop.fit import FitResult, fit_model, score_split, seed_everything
+from training.data.decode import DecodedImages, decode_files
+from training.model.classifier import build_classifier
 from training.progress import make_progress
-from training.splits import stratified_kfold, stratified_split
+from training.data.stratify import stratified_kfold, stratified_split
 
 SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
 

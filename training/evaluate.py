@@ -3,14 +3,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training import augment
-from training.datasets import labeled_folder
-from training.engine import predict, resolve_device
+from training.data import augment
+from training.data.sources import labeled_folder
+from training.loop.steps import predict, resolve_device
 from training.errors import TrainingError
-from training.image_cache import decode_files
-from training.metrics import classification_scores
-from training.plots import plot_confusion
-from training.run_dir import load_run, write_json
+from training.data.decode import decode_files
+from training.scoring.metrics import classification_scores
+from training.scoring.plots import plot_confusion
+from training.run.files import load_run, write_json
 
 
 def evaluate_run(run_dir: Path, data: Path, out: Path | None = None, device: str = "auto") -> dict:

@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from training.metrics import classification_scores
+from training.scoring.metrics import classification_scores
 
 # Log-spaced C grid: from strong regularisation (small data, 1000+ dim features) to almost none.
 C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
@@ -19,9 +19,9 @@ C_GRID = tuple(float(c) for c in np.logspace(-4, 2, 7))
 
 def frozen_features(spec, cfg, images, policy, device) -> np.ndarray:
     """Pooled embeddings of the pretrained backbone (its head untrained and unused), one row per image."""
-    from training import augment
-    from training.engine import predict
-    from training.model import build_classifier
+    from training.data import augment
+    from training.loop.steps import predict
+    from training.model.classifier import build_classifier
 
     model, _ = build_classifier(spec, 2, cfg.weights, 0.0)
     _, embeddings = predict(model, augment.eval_crop(images, policy), device, cfg.batch_size * 2,

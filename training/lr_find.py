@@ -20,17 +20,17 @@ from rich.console import Console
 from torch import nn
 
 from exporters.preprocess import ResizePolicy
-from training import augment
-from training.backbones import get_backbone_spec
+from training.data import augment
+from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig, load_train_config
-from training.data_splits import prepare_splits
-from training.datasets import discover
-from training.engine import autocast_for, make_optimizer, open_stages_at, resolve_device, to_model_input
+from training.data.splits import prepare_splits
+from training.data.sources import discover
+from training.loop.steps import autocast_for, make_optimizer, open_stages_at, resolve_device, to_model_input
 from training.errors import TrainingError
-from training.fit import grad_scaler, seed_everything
-from training.model import build_classifier, set_batchnorm_eval
+from training.loop.fit import grad_scaler, seed_everything
+from training.model.classifier import build_classifier, set_batchnorm_eval
 from training.progress import make_progress
-from training.train_loader import make_criterion, make_train_loader
+from training.loop.batches import make_criterion, make_train_loader
 
 
 def check_sweep(start_lr: float, end_lr: float, steps: int) -> None:

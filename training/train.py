@@ -7,25 +7,25 @@ import torch
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy
-from training import distributed
-from training.backbones import get_backbone_spec
+from training.loop import distributed
+from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
-from training.data_splits import Splits, class_counts_by_split, prepare_splits
-from training.datasets import discover
-from training.engine import resolve_device
+from training.data.splits import Splits, class_counts_by_split, prepare_splits
+from training.data.sources import discover
+from training.loop.steps import resolve_device
 from training.errors import TrainingError
-from training.fit import fit_model, seed_everything
-from training.model import build_classifier
+from training.loop.fit import fit_model, seed_everything
+from training.model.classifier import build_classifier
 from training.progress import make_progress
-from training.run_dir import METRICS, SKIPPED
-from training.run_writer import write_run
+from training.run.files import METRICS, SKIPPED
+from training.run.writer import write_run
 
 
 def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None, overwrite: bool = False,
           console: Console | None = None, show_progress: bool = True) -> dict:
     """Fine-tune per `cfg` and write the run directory `out`. Returns the metrics dict.
 
-    Under torchrun (see training.distributed) every worker trains and returns the same metrics;
+    Under torchrun (see training.loop.distributed) every worker trains and returns the same metrics;
     rank 0 alone prints and writes `out`."""
     launch = distributed.read_launch_env()
     console = console or Console(stderr=True)

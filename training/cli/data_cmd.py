@@ -19,7 +19,7 @@ def digits(
     json_out: bool = typer.Option(False, "--json", help="Print the class counts as JSON."),
 ) -> None:
     """Write scikit-learn's real handwritten digits (1,797 images, 10 classes) as an ImageFolder."""
-    from training.digits import write_digits
+    from training.data.digits import write_digits
 
     with guarded():
         counts = write_digits(out, size, limit_per_class, overwrite)

@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         """
         if since and last:
             fail("give --since or --last, not both")
-        from exporters.registry import Registry
+        from exporters.model_store.registry import Registry
         from training.drift.render import plot_report, print_report
         from training.retrain.job import drift_check, open_log
 

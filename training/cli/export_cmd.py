@@ -39,9 +39,9 @@ def register(app: typer.Typer) -> None:
         if promote is not None and promote not in PROMOTE_ALIASES:
             fail(f"--promote must be one of {', '.join(PROMOTE_ALIASES)}, not '{promote}'", EXIT_BAD_INPUT)
 
-        from exporters.registry import Registry
-        from exporters.variants import parse_variants
-        from training.run_to_bundle import publish_run
+        from exporters.model_store.registry import Registry
+        from exporters.export.variants import parse_variants
+        from training.run.publish import publish_run
 
         with guarded():
             locations = store_locations(registry_uri, s3_endpoint_url)

@@ -16,7 +16,7 @@ JsonOpt = typer.Option(False, "--json", help="Print JSON on stdout for scripts."
 def _open(data_dir: str | None, s3_endpoint_url: str | None, log_url: str | None, s3_only: bool = False):
     from pathlib import Path
 
-    from exporters.prediction_log import open_prediction_log
+    from exporters.prediction_log.sql import open_prediction_log
 
     locations = store_locations(None, s3_endpoint_url, data_dir, log_url, with_log=True)
     if s3_only and not locations.data_is_s3:
@@ -30,7 +30,7 @@ def _open(data_dir: str | None, s3_endpoint_url: str | None, log_url: str | None
 def info_command(data_dir: str = DATA_DIR_OPTION, s3_endpoint_url: str = S3_ENDPOINT_OPTION, log_url: str = LOG_URL_OPTION,
                  json_out: bool = JsonOpt) -> None:
     """Where the log is and what it holds: predictions, labeled predictions, unstored-image feedback, schema version."""
-    from exporters.log_schema import stored_version
+    from exporters.prediction_log.schema import stored_version
 
     with guarded():
         locations, log = _open(data_dir, s3_endpoint_url, log_url)
@@ -60,7 +60,7 @@ def import_s3_command(data_dir: str = DATA_DIR_OPTION, s3_endpoint_url: str = S3
     Images stay where they are. Records already in the database are skipped, so an interrupted
     import is finished by running it again; the old objects are left in place (delete them when
     `cnnloop log info` shows the counts you expect)."""
-    from exporters.legacy_s3_log import import_legacy_s3_log
+    from exporters.prediction_log.legacy_s3 import import_legacy_s3_log
     from training.progress import make_progress
 
     with guarded():

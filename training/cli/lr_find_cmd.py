@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         from training.config import load_train_config
         from training.devices import resolve_device
         from training.lr_find import apply_lr, check_sweep, find_lr, read_recipe
-        from training.plots import plot_lr_find
+        from training.scoring.plots import plot_lr_find
 
         with guarded():
             check_sweep(start_lr, end_lr, steps)  # before any image is decoded

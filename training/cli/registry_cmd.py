@@ -23,7 +23,7 @@ AliasOpt = typer.Option("production", "--alias", help="Alias to move: production
 
 def open_registry(locations):
     """The registry `locations` (common.store_locations: flags over CNNLOOP_* env, default ./registry) name."""
-    from exporters.registry import Registry  # boto3 and the registry load only when a command runs
+    from exporters.model_store.registry import Registry  # boto3 and the registry load only when a command runs
 
     return Registry.open(locations.registry, endpoint_url=locations.s3_endpoint_url)
 

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         """
         from training.config import load_train_config
         from training.devices import resolve_device
-        from training.distributed import read_launch_env
+        from training.loop.distributed import read_launch_env
         from training.train import train
 
         with guarded():

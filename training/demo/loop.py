@@ -15,16 +15,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from exporters.registry import Registry
+from exporters.model_store.registry import Registry
 from training.config import load_train_config
-from training.datasets import discover
+from training.data.sources import discover
 from training.demo.service_process import start_service
 from training.demo.traffic import send_images, split_pool, wait_for_version, wait_until_logged
-from training.digits import write_digits
-from training.run_to_bundle import publish_run
+from training.data.digits import write_digits
+from training.run.publish import publish_run
 from training.retrain.job import drift_check, report_summary, retrain_once
 from training.retrain.settings import LoopSettings
-from training.splits import stratified_split
+from training.data.stratify import stratified_split
 from training.train import train
 
 # 64 px keeps training to about a minute on two CPU cores; flips would turn digits into other glyphs.
@@ -111,7 +111,7 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
 
         wait_until_logged(client)
         console.rule("6. drift report")
-        from exporters.prediction_log import open_prediction_log
+        from exporters.prediction_log.sql import open_prediction_log
         from training.drift.render import plot_report, print_report
 
         log = open_prediction_log(settings.data_dir)

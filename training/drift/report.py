@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from exporters.bundle import read_bundle, read_reference_stats
+from exporters.model_store.bundle import read_bundle, read_reference_stats
 from exporters.reference_stats import project
 from training.drift import stats
 from training.errors import TrainingError
 
 if TYPE_CHECKING:
-    from exporters.prediction_log import LabelChanges
+    from exporters.prediction_log.records import LabelChanges
 
 INSUFFICIENT = "insufficient_data"
 
@@ -67,10 +67,10 @@ def load_reference_set(bundle_dir: Path) -> ReferenceSet:
 
 
 def window_from_records(records: list, reference: ReferenceSet, label_changes: LabelChanges | None = None) -> LiveWindow:
-    """Prediction records (exporters.prediction_log) -> arrays; embeddings stored raw are projected here.
+    """Prediction records (exporters.prediction_log.records) -> arrays; embeddings stored raw are projected here.
 
     `label_changes` is the log's `label_changes` of the same records, carried into the report as an audit."""
-    from exporters.prediction_log import decode_embedding
+    from exporters.prediction_log.records import decode_embedding
 
     k = len(reference.labels)
     index = {name: i for i, name in enumerate(reference.labels)}

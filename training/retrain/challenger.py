@@ -6,16 +6,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from exporters.bundle import Bundle
+from exporters.model_store.bundle import Bundle
 from exporters.preprocess import ResizePolicy
 from training.config import TrainConfig, load_train_config
-from training.engine import resolve_device
+from training.loop.steps import resolve_device
 from training.errors import TrainingError
-from training.fit import fit_model, seed_everything
-from training.run_writer import write_run
+from training.loop.fit import fit_model, seed_everything
+from training.run.writer import write_run
 from training.progress import make_progress
 from training.retrain.dataset import RetrainData
-from training.run_dir import rebuild_classifier
+from training.run.files import rebuild_classifier
 
 
 def warm_start_config(champion: Bundle, epochs: int, lr_scale: float, patience: int, device: str) -> TrainConfig:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.datasets import LabeledFiles
+from training.data.sources import LabeledFiles
 from training.errors import TrainingError
-from training.data_splits import Splits
-from training.image_cache import DecodedImages, decode_files
+from training.data.splits import Splits
+from training.data.decode import DecodedImages, decode_files
 
 MAX_FEEDBACK_REPEAT = 20
 

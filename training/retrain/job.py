@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 from rich.console import Console
 
-from exporters.bundle import read_bundle
+from exporters.model_store.bundle import read_bundle
 from exporters.errors import AliasMoved
-from exporters.prediction_log import open_prediction_log
-from exporters.registry import Registry
+from exporters.prediction_log.sql import open_prediction_log
+from exporters.model_store.registry import Registry
 from exporters.storage import open_store
-from exporters.variants import parse_variants
+from exporters.export.variants import parse_variants
 from training.devices import resolve_device
 from training.drift.report import build_report, load_reference_set, window_from_records
 from training.errors import TrainingError
@@ -27,7 +27,7 @@ from training.retrain.gate import holdout_from, promotion_verdict, score_bundle
 from training.retrain.lock import StoreLock
 from training.retrain.policy import PolicyThresholds, decide, state_from_history
 from training.retrain.settings import LoopSettings
-from training.run_to_bundle import publish_run
+from training.run.publish import publish_run
 
 
 def open_log(settings: LoopSettings):

@@ -14,16 +14,16 @@ import numpy as np
 from rich.console import Console
 
 from exporters.preprocess import ResizePolicy
-from training.backbones import get_backbone_spec
+from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
 from training.cv import fold_splits
-from training.data_splits import Splits, prepare_splits
-from training.datasets import discover
+from training.data.splits import Splits, prepare_splits
+from training.data.sources import discover
 from training.errors import TrainingError
-from training.fit import fit_model, score_split, seed_everything
-from training.image_cache import DecodedImages, decode_files
+from training.loop.fit import fit_model, score_split, seed_everything
+from training.data.decode import DecodedImages, decode_files
 from training.linear_probe import frozen_features, probe_scores
-from training.model import build_classifier
+from training.model.classifier import build_classifier
 from training.progress import ProgressBars
 from training.tune.study import ALIVE_AT
 

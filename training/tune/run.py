@@ -15,10 +15,10 @@ from pathlib import Path
 from pydantic import ValidationError
 from rich.console import Console
 
-from training.backbones import get_backbone_spec
+from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
-from training.datasets import discover
-from training.engine import resolve_device
+from training.data.sources import discover
+from training.loop.steps import resolve_device
 from training.errors import TrainingError
 from training.progress import make_progress
 from training.tune import report, study as studies

@@ -158,7 +158,7 @@ def load_space(path: Path | None, base: TrainConfig, fixed_by_user: set[str] = f
 
 def check_backbones(space: SearchSpace, base: TrainConfig) -> None:
     """Every backbone a trial may draw has weights at hand, or the search fails now rather than mid-study."""
-    from training.backbones import check_weights_at_hand, get_backbone_spec
+    from training.model.backbones import check_weights_at_hand, get_backbone_spec
 
     names = space.params["backbone"].choices if "backbone" in space.params else (space.fixed.get("backbone", base.backbone),)
     if base.weights != "default" and len(names) > 1:

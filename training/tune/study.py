@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from exporters.errors import StorageError
-from exporters.sql_log import redact, sqlalchemy_url
+from exporters.prediction_log.sql import redact, sqlalchemy_url
 from training.errors import TrainingError
 
 INTERRUPTED = "interrupted"

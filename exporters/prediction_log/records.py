@@ -8,7 +8,7 @@ Together they are the *labeled examples* a retrain learns from.
 Shared by the service (the writer) and the drift report and retrain job (readers); it lives in
 exporters/ because both rooms use it and it needs only the storage layer, SQLAlchemy and numpy.
 
-Records live in a SQL database (exporters/sql_log.py): by default a SQLite file (WAL) in a local
+Records live in a SQL database (exporters/prediction_log/sql.py): by default a SQLite file (WAL) in a local
 data dir; `CNNLOOP_LOG_URL=postgresql://...` when several replicas share one log. Every feedback
 event is kept (table feedback_events), not only the latest label, so the drift report can audit
 how often labels were changed (`label_changes`).
@@ -18,7 +18,7 @@ once however often it is predicted:
     images/ab/ab12...          raw bytes as uploaded
     predictions.sqlite3        (local data dir, no log URL) tables predictions, feedback_events, labeled_uploads
 Logs written by cnnloop before the SQL log kept one S3 object per record; `cnnloop log import-s3`
-moves them into the database (exporters/legacy_s3_log.py).
+moves them into the database (exporters/prediction_log/legacy_s3.py).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
-from exporters.storage import Store, open_store
+from exporters.storage import Store
 
 # Where a labeled example came from: LabeledExample.source and the cnnloop_feedback metric's `source`.
 FEEDBACK = "feedback"
@@ -154,13 +154,3 @@ class PredictionLog(Protocol):
     def feedback_without_image(self) -> int: ...
     def count_predictions(self) -> int: ...
     def describe(self) -> str: ...
-
-
-def open_prediction_log(data_dir: str, endpoint_url: str | None = None, log_url: str | None = None) -> PredictionLog:
-    """The log a data dir and log URL name: records in SQL (`log_url`, or SQLite in a local data dir), images in the data dir."""
-    from exporters.sql_log import SqlPredictionLog, database_url
-
-    url = database_url(data_dir, log_url)
-    return SqlPredictionLog(url, open_store(data_dir, endpoint_url=endpoint_url))
-
-

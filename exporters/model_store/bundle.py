@@ -8,10 +8,10 @@ Layout of a bundle directory:
     model_int8.onnx       optional, CPU variant (static QDQ), same rule
     reference.npz         arrays the drift checks compare live traffic against
     model.safetensors     torch weights and their description (backbone, classes, policy), named as
-    model.json            in the run directory: training.run_dir.rebuild_classifier reads both folders
+    model.json            in the run directory: training.run.files.rebuild_classifier reads both folders
     original_splits.json  the training splits every retrain replays
 
-Writing one is `exporters.bundle_export` (graphs, reference) and `training.run_to_bundle` (weights,
+Writing one is `exporters.export.bundle_writer` (graphs, reference) and `training.run.publish` (weights,
 splits). Reading one needs neither torch nor onnxruntime: the service imports this module.
 """
 from __future__ import annotations

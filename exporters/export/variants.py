@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from exporters.bundle import variant_file
+from exporters.model_store.bundle import variant_file
 from exporters.errors import ExportError
-from exporters.onnx_export import INPUT_NAME, parity_figures
+from exporters.export.onnx_graph import INPUT_NAME, parity_figures
 from exporters.onnx_runtime import OnnxClassifier
 
 VARIANTS = ("fp16", "int8")

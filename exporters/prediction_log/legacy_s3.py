@@ -17,9 +17,9 @@ from typing import Callable
 
 from sqlalchemy import insert, select, text
 
-from exporters import log_schema as schema
-from exporters.prediction_log import PredictionRecord
-from exporters.sql_log import SqlPredictionLog, row_values
+from exporters.prediction_log import schema
+from exporters.prediction_log.records import PredictionRecord
+from exporters.prediction_log.sql import SqlPredictionLog, row_values
 from exporters.storage import Store
 
 _CHUNK = 500

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from exporters.bundle import BUNDLE_JSON
+from exporters.model_store.bundle import BUNDLE_JSON
 from exporters.errors import AliasMoved, RegistryError, StorageError
 from exporters.storage import Store, open_store
 

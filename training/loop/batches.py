@@ -9,9 +9,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, WeightedRandomSampler
 
 from exporters.preprocess import ResizePolicy
-from training import augment, distributed
+from training.data import augment
+from training.loop import distributed
 from training.config import TrainConfig
-from training.image_cache import DecodedImages
+from training.data.decode import DecodedImages
 
 
 class AugmentedImages(Dataset):

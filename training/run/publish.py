@@ -16,12 +16,12 @@ from typing import Callable, Sequence
 import numpy as np
 import yaml
 
-from exporters.bundle import ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, retrain_metadata
-from exporters.bundle_export import TRAIN_SAMPLE, LabeledImages, RunDescription, dataset_fingerprint, export_bundle, spread_sample
+from exporters.model_store.bundle import ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, retrain_metadata
+from exporters.export.bundle_writer import TRAIN_SAMPLE, LabeledImages, RunDescription, dataset_fingerprint, export_bundle, spread_sample
 from exporters.errors import ExportError
 from exporters.preprocess import ImageDecodeError, ResizePolicy, load_model_input
-from exporters.registry import Registry
-from training.run_dir import CONFIG, METRICS, MODEL_INFO, SPLITS, WEIGHTS, LoadedRun, load_run, read_json, read_split
+from exporters.model_store.registry import Registry
+from training.run.files import CONFIG, METRICS, MODEL_INFO, SPLITS, WEIGHTS, LoadedRun, load_run, read_json, read_split
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """The fine-tuning loop, read top to bottom: per epoch, open the scheduled stages, train one epoch,
-score val, keep the best weights, stop early. The rules it applies live in `training.engine`."""
+score val, keep the best weights, stop early. The rules it applies live in `training.loop.steps`."""
 from __future__ import annotations
 
 import random
@@ -13,14 +13,15 @@ from rich.console import Console
 from torch.utils.data import DistributedSampler
 
 from exporters.preprocess import ResizePolicy
-from training import augment, distributed
+from training.data import augment
+from training.loop import distributed
 from training.config import TrainConfig
-from training.data_splits import Splits
-from training.engine import EarlyStopping, make_optimizer, make_scheduler, open_stages_at, predict, train_one_epoch
-from training.image_cache import DecodedImages
-from training.metrics import classification_scores
+from training.data.splits import Splits
+from training.loop.steps import EarlyStopping, make_optimizer, make_scheduler, open_stages_at, predict, train_one_epoch
+from training.data.decode import DecodedImages
+from training.scoring.metrics import classification_scores
 from training.progress import ProgressBars
-from training.train_loader import make_criterion, make_train_loader
+from training.loop.batches import make_criterion, make_train_loader
 
 
 def seed_everything(seed: int) -> None:

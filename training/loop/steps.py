@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from training.config import TrainConfig
 from training.devices import resolve_device  # noqa: F401  (re-exported: fit, cv, evaluate import it from here)
-from training.model import Classifier
+from training.model.classifier import Classifier
 
 
 def open_stages_at(epoch: int, cfg: TrainConfig, n_stages: int) -> int:
@@ -116,7 +116,7 @@ def to_model_input(batch_uint8: torch.Tensor, device: torch.device, channels_las
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, cfg: TrainConfig,
                     scaler=None, ema=None, noise: float = 0.0, on_batch=None) -> dict:
     model.train()
-    from training.model import set_batchnorm_eval
+    from training.model.classifier import set_batchnorm_eval
 
     # Under torchrun `model` is the DDP wrapper, which hides the Classifier's stages.
     net = model.module if isinstance(model, DistributedDataParallel) else model

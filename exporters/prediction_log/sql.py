@@ -21,10 +21,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from exporters import log_schema as schema
-from exporters.prediction_log import (FEEDBACK, LABELED_UPLOAD, FeedbackOutcome, LabelChanges, LabeledExample,
+from exporters.prediction_log import schema
+from exporters.prediction_log.records import (FEEDBACK, LABELED_UPLOAD, FeedbackOutcome, LabelChanges, LabeledExample,
                                       PredictionRecord, image_key, new_record_id, store_image_once)
-from exporters.storage import Store, StorageError
+from exporters.storage import Store, StorageError, open_store
 
 SQLITE_FILE = "predictions.sqlite3"
 _COLUMNS = [c.name for c in schema.predictions.columns]
@@ -255,3 +255,11 @@ class SqlPredictionLog:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def open_prediction_log(data_dir: str, endpoint_url: str | None = None, log_url: str | None = None) -> SqlPredictionLog:
+    """The log a data dir and log URL name: records in SQL (`log_url`, or SQLite in a local data dir), images in the data dir."""
+    url = database_url(data_dir, log_url)
+    return SqlPredictionLog(url, open_store(data_dir, endpoint_url=endpoint_url))
+
+

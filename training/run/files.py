@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from exporters.bundle import WEIGHTS_FILE, WEIGHTS_INFO_FILE
+from exporters.model_store.bundle import WEIGHTS_FILE, WEIGHTS_INFO_FILE
 from exporters.preprocess import ResizePolicy
-from training.backbones import get_backbone_spec
+from training.model.backbones import get_backbone_spec
 from training.errors import TrainingError
-from training.model import Classifier, build_classifier
+from training.model.classifier import Classifier, build_classifier
 
 # A bundle carries the weights under the same names, so rebuild_classifier reads both folders.
 WEIGHTS = WEIGHTS_FILE

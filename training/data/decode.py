@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from exporters.preprocess import ImageDecodeError, decode_resized_square
-from training.datasets import LabeledFiles
+from training.data.sources import LabeledFiles
 from training.progress import ProgressBars
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from training.backbones import BackboneSpec, load_pretrained_network
+from training.model.backbones import BackboneSpec, load_pretrained_network
 
 
 class Classifier(nn.Module):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from exporters.preprocess import ResizePolicy
 from training.config import TrainConfig, save_config
-from training.data_splits import Splits
-from training.fit import FitResult, score_split
-from training.plots import plot_confusion, plot_curves
-from training.run_dir import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
+from training.data.splits import Splits
+from training.loop.fit import FitResult, score_split
+from training.scoring.plots import plot_confusion, plot_curves
+from training.run.files import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
 
 
 def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device, info: dict,

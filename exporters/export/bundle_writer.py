@@ -1,7 +1,7 @@
 """How a trained model becomes a bundle folder: ONNX graphs, variants, reference statistics, metadata.
 
-The files and their names are `exporters.bundle`. The torch model comes in as an argument (exporters
-never import training/); `training.run_to_bundle` adds the torch weights and splits and publishes.
+The files and their names are `exporters.model_store.bundle`. The torch model comes in as an argument (exporters
+never import training/); `training.run.publish` adds the torch weights and splits and publishes.
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from exporters.bundle import FORMAT_VERSION, MODEL_FILE, REFERENCE_FILE
+from exporters.model_store.bundle import FORMAT_VERSION, MODEL_FILE, REFERENCE_FILE
 from exporters.errors import ExportError
-from exporters.onnx_export import PARITY_TOLERANCE, check_parity, export_onnx, torch_predict
+from exporters.export.onnx_graph import PARITY_TOLERANCE, check_parity, export_onnx, torch_predict
 from exporters.onnx_runtime import OnnxClassifier
 from exporters.preprocess import ResizePolicy
 from exporters.reference_stats import MAX_SAMPLE, reference_statistics, save_reference
-from exporters.variants import DEFAULT_MAX_ACCURACY_DROP, VARIANTS, accuracy, build_and_judge
+from exporters.export.variants import DEFAULT_MAX_ACCURACY_DROP, VARIANTS, accuracy, build_and_judge
 
 # MinMax calibration of efficientnet_lite0 on 100 images takes ~6 s on 2 cores; more images barely
 # move the ranges.

@@ -8,11 +8,11 @@ import numpy as np
 
 from exporters.preprocess import ResizePolicy
 from training.config import TrainConfig
-from training.datasets import DataSource
+from training.data.sources import DataSource
 from training.errors import TrainingError
-from training.image_cache import DecodedImages, decode_files
+from training.data.decode import DecodedImages, decode_files
 from training.progress import ProgressBars
-from training.splits import stratified_split
+from training.data.stratify import stratified_split
 
 
 @dataclass
