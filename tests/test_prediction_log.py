@@ -3,13 +3,14 @@ record ids, feedback, replicas writing at once, schema versions, indexed window 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from exporters.prediction_log.schema import SCHEMA_VERSION, SchemaTooNew
 from exporters.prediction_log.records import (FEEDBACK, LABELED_UPLOAD, PredictionRecord, new_record_id,
@@ -81,25 +82,70 @@ def test_label_changes_count_every_event_and_each_relabelled_prediction_once(sql
     assert (changes.count, changes.relabelled_predictions) == (4, 1)
 
 
-def test_window_reads_use_an_index_not_a_scan(sql_log):
-    sql_log.add_predictions([_record(sha=f"{i:064x}", at=1_700_000_000.0 + i) for i in range(50)])
-    with sql_log.engine.connect() as conn:
-        if sql_log.dialect == "sqlite":
-            plan = " ".join(str(r) for r in conn.execute(text(
-                "EXPLAIN QUERY PLAN SELECT * FROM predictions WHERE model_version = 'v1' "
-                "ORDER BY created_at DESC, prediction_id DESC LIMIT 5")))
-            labeled = " ".join(str(r) for r in conn.execute(text(
-                "EXPLAIN QUERY PLAN SELECT COUNT(*) FROM predictions WHERE feedback_label IS NOT NULL")))
-        else:
-            conn.execute(text("SET enable_seqscan = off"))  # on 50 rows a scan is cheaper; is an index there to use?
-            plan = " ".join(r[0] for r in conn.execute(text(
-                "EXPLAIN SELECT * FROM predictions WHERE model_version = 'v1' "
-                "ORDER BY created_at DESC, prediction_id DESC LIMIT 5")))
-            labeled = " ".join(r[0] for r in conn.execute(text(
-                "EXPLAIN SELECT COUNT(*) FROM predictions WHERE feedback_label IS NOT NULL")))
-    assert "predictions_model_window" in plan
-    assert "TEMP B-TREE" not in plan and "Sort" not in plan  # newest-first straight off the index
-    assert "predictions_labeled" in labeled
+T0 = 1_700_000_000.0
+# The windows the drift check reads (drift_check in training/retrain/job.py, for `cnnloop drift` and
+# the retrain job): the production version's last N, or since a time, or both.
+WINDOWS = {
+    "last_n_of_a_version": {"last": 5, "model_version": "v1"},
+    "since_of_a_version": {"since": T0 + 150, "model_version": "v1"},
+    "since_and_last_n_of_a_version": {"since": T0 + 150, "last": 5, "model_version": "v1"},
+}
+
+
+def _statements_sent(log, read) -> list[tuple[str, object]]:
+    """The SQL text and parameters `read()` hands the database driver: the query as run, not as written here."""
+    sent = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        sent.append((statement, parameters))
+
+    event.listen(log.engine, "before_cursor_execute", capture)
+    try:
+        read()
+    finally:
+        event.remove(log.engine, "before_cursor_execute", capture)
+    return [(sql, params) for sql, params in sent if "predictions" in sql]  # not SQLite's BEGIN
+
+
+def _plan(log, statement: str, parameters) -> str:
+    with log.engine.connect() as conn:
+        if log.dialect == "sqlite":
+            return " | ".join(row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters))
+        # A few hundred rows fit one page, where a scan is cheaper; with scans priced out, the plan
+        # says whether an index can serve the query at all.
+        conn.exec_driver_sql("SET enable_seqscan = off")
+        return " | ".join(row[0] for row in conn.exec_driver_sql("EXPLAIN " + statement, parameters))
+
+
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_the_window_read_the_log_runs_walks_an_index_newest_first(sql_log, window):
+    kwargs, index = WINDOWS[window], "predictions_model_window"
+    sql_log.add_predictions([_record(sha=f"{i:064x}", at=T0 + i, version=("v1", "v2")[i % 2]) for i in range(300)])
+    statements = _statements_sent(sql_log, lambda: sql_log.predictions(**kwargs))
+    assert len(statements) == 1, statements
+    plan = _plan(sql_log, *statements[0])
+    assert index in plan, plan
+    # The index bounds the rows read (SQLite's SEARCH, PostgreSQL's Index Cond): no pass over the whole log.
+    assert re.search(rf"SEARCH predictions USING (COVERING )?INDEX {index}\b|Index Cond", plan), plan
+    assert not re.search(r"\bSCAN predictions\b|Seq Scan", plan), plan
+    if "last" in kwargs:
+        # `last=N` reads N rows only if they come off the index newest-first; a sort reads the whole
+        # window first. (A window without a limit is read whole anyway; PostgreSQL may sort it.)
+        assert "TEMP B-TREE" not in plan, plan
+        assert "Sort" not in plan, plan
+
+
+def test_the_labeled_reads_the_log_runs_use_the_labeled_index(sql_log):
+    records = [_record(sha=f"{i:064x}", at=T0 + i) for i in range(300)]
+    sql_log.add_predictions(records)
+    sql_log.record_feedback(records[0].prediction_id, "b")
+    statements = _statements_sent(sql_log, lambda: (sql_log.feedback_summary(), sql_log.feedback_without_image(),
+                                                    list(sql_log.labeled_examples())))
+    labeled = [(sql, params) for sql, params in statements if "FROM predictions" in sql]  # not labeled_uploads
+    assert len(labeled) == 3, statements
+    for statement in labeled:
+        plan = _plan(sql_log, *statement)
+        assert "predictions_labeled" in plan, (statement[0], plan)
 
 
 def test_replicas_writing_and_labeling_at_once_lose_and_overwrite_nothing(backend, request, tmp_path):
