@@ -17,7 +17,8 @@ from training.config import load_train_config
 from training.data.splits import prepare_splits
 from training.data.sources import discover
 from training.errors import TrainingError
-from training.lr_find import apply_lr, find_lr, range_test, smooth, suggest_minimum, suggest_steepest, suggest_valley
+from training.lr_find import (SmoothedLoss, apply_lr, find_lr, range_test, suggest_minimum, suggest_steepest,
+                              suggest_valley)
 from training.model.classifier import build_classifier
 from training.loop.batches import make_criterion, make_train_loader
 from tests.training_data import fast_config, make_digits
@@ -97,7 +98,8 @@ def _synthetic_curve():
 
 def test_valley_and_steepest_land_on_the_descent_of_a_known_curve():
     lrs, loss = _synthetic_curve()
-    noisy = smooth(loss + np.random.default_rng(0).normal(0, 0.02, len(loss)), 0.9)
+    smoother = SmoothedLoss(0.9)
+    noisy = np.array([smoother.add(v) for v in loss + np.random.default_rng(0).normal(0, 0.02, len(loss))])
     for curve in (loss, noisy):
         for pick in (suggest_valley, suggest_steepest):
             assert 1e-4 < lrs[pick(lrs, curve)] < 1e-2, pick.__name__
@@ -114,7 +116,8 @@ def test_minimum_suggestion_is_a_tenth_of_the_lowest_loss_lr():
 
 
 def test_smoothing_is_bias_corrected():
-    np.testing.assert_allclose(smooth([3.0] * 20, 0.98), 3.0)
+    smoother = SmoothedLoss(0.98)
+    np.testing.assert_allclose([smoother.add(3.0) for _ in range(20)], 3.0)
 
 
 def test_apply_writes_the_lr_and_keeps_the_other_keys_and_comments(tmp_path):

@@ -11,6 +11,7 @@ import copy
 import math
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,7 @@ from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig, load_train_config
 from training.data.splits import prepare_splits
 from training.data.sources import discover
-from training.loop.steps import autocast_for, make_optimizer, open_stages_at, resolve_device, to_model_input
+from training.loop.steps import make_optimizer, open_stages_at, resolve_device, train_step
 from training.errors import TrainingError
 from training.loop.fit import grad_scaler, seed_everything
 from training.model.classifier import build_classifier, set_batchnorm_eval
@@ -40,14 +41,20 @@ def check_sweep(start_lr: float, end_lr: float, steps: int) -> None:
         raise TrainingError(f"--steps {steps} is too few to read a loss curve from; use at least 10 (100 is usual)")
 
 
-def smooth(losses, beta: float = 0.98) -> np.ndarray:
+@dataclass
+class SmoothedLoss:
     """Exponential moving average with bias correction, as fastai: early points are not pulled to 0.
-    (`range_test` runs the same recurrence step by step, to stop the moment it diverges.)"""
-    avg, out = 0.0, []
-    for i, loss in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * loss
-        out.append(avg / (1 - beta**i))
-    return np.asarray(out, dtype=float)
+    Fed one loss at a time, so the sweep can stop the moment the smoothed loss diverges."""
+
+    beta: float = 0.98
+    avg: float = 0.0
+    n: int = 0
+
+    def add(self, loss: float) -> float:
+        """Take the next raw loss; the smoothed loss up to it."""
+        self.n += 1
+        self.avg = self.beta * self.avg + (1 - self.beta) * loss
+        return self.avg / (1 - self.beta**self.n)
 
 
 def _window(n: int) -> slice:
@@ -97,7 +104,7 @@ def range_test(model: nn.Module, loader, criterion, cfg: TrainConfig, device: to
     optimizer = make_optimizer(model, cfg)
     ratios = [g["lr"] / cfg.lr for g in optimizer.param_groups]
     scaler, noise = grad_scaler(device, cfg), augment.noise_std(cfg.augment)
-    points, best, avg, diverged = [], math.inf, 0.0, False
+    points, best, diverged, smoother = [], math.inf, False, SmoothedLoss(beta)
     try:
         model.train()
         set_batchnorm_eval(model, all_bn=cfg.bn == "frozen")
@@ -111,25 +118,9 @@ def range_test(model: nn.Module, loader, criterion, cfg: TrainConfig, device: to
             except StopIteration:  # a small train split: cycle it
                 batches = iter(loader)
                 images, labels = next(batches)
-            x = to_model_input(images, device, cfg.channels_last)
-            if noise:
-                x = (x + noise * torch.randn_like(x)).clamp_(0, 1)
-            with autocast_for(device, cfg.amp):
-                loss = criterion(model(x), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
+            _, loss, _ = train_step(model, criterion, optimizer, images, labels, device, cfg, scaler, noise)
             raw = float(loss.item())
-            avg = beta * avg + (1 - beta) * raw
-            smoothed = avg / (1 - beta ** (step + 1))
+            smoothed = smoother.add(raw)
             points.append({"step": step, "lr_head": lr, "loss": raw, "smoothed_loss": smoothed,
                            "lrs": {g["name"]: g["lr"] for g in optimizer.param_groups}})
             best = min(best, smoothed)

@@ -113,6 +113,36 @@ def to_model_input(batch_uint8: torch.Tensor, device: torch.device, channels_las
     return x
 
 
+def train_step(model, criterion, optimizer, images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+               cfg: TrainConfig, scaler=None, noise: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch forward and one optimiser update: (logits, loss, labels on `device`).
+
+    The epochs of `fit_model` and the sweep of `cnnloop lr-find` both step through here, so the
+    range test measures the loss of exactly the update training makes."""
+    x = to_model_input(images, device, cfg.channels_last)
+    if noise:
+        x = (x + noise * torch.randn_like(x)).clamp_(0, 1)
+    y = labels.to(device, non_blocking=True)
+    with autocast_for(device, cfg.amp):
+        logits = model(x)
+        loss = criterion(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        # Clipping reads true gradients: unscale them from fp16 loss scaling first.
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return logits, loss, y
+
+
 def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, cfg: TrainConfig,
                     scaler=None, ema=None, noise: float = 0.0, on_batch=None) -> dict:
     model.train()
@@ -123,26 +153,7 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, cfg:
     set_batchnorm_eval(net, all_bn=cfg.bn == "frozen")
     total_loss, correct, seen = 0.0, 0, 0
     for images, labels in loader:
-        x = to_model_input(images, device, cfg.channels_last)
-        if noise:
-            x = (x + noise * torch.randn_like(x)).clamp_(0, 1)
-        y = labels.to(device, non_blocking=True)
-        with autocast_for(device, cfg.amp):
-            logits = model(x)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        logits, loss, y = train_step(model, criterion, optimizer, images, labels, device, cfg, scaler, noise)
         scheduler.step()
         if ema is not None:
             ema.update_parameters(net)
