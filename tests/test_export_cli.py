@@ -1,8 +1,11 @@
-"""`cnnloop export`: stdout is the version id alone, bad input exits 2, an unreachable registry exits 3."""
+"""`cnnloop export`: stdout is the version id alone, bad input exits 2, an unreachable registry exits 3,
+an ONNX graph that disagrees with torch exits 2 and publishes nothing."""
 from __future__ import annotations
 
 import socket
 
+import numpy as np
+import onnx
 import pytest
 from typer.testing import CliRunner
 
@@ -60,6 +63,37 @@ def test_unreachable_registry_exits_3_before_exporting(run_dir, monkeypatch):
                                     "--s3-endpoint-url", f"http://127.0.0.1:{_closed_port()}"])
     assert result.exit_code == 3, result.stderr
     assert "127.0.0.1" in result.stderr and "exported model.onnx" not in result.stderr
+
+
+def test_a_graph_that_disagrees_with_torch_exits_2_and_publishes_nothing(run_dir, tmp_path, monkeypatch):
+    from exporters.export import bundle_writer
+    from exporters.model_store.registry import Registry
+
+    real_export = bundle_writer.export_onnx
+
+    def export_then_drift(model, image_size, out_path, *args, **kwargs):
+        # A real export whose weights then drift from torch's, as a faulty exporter's would: only
+        # the parity check, comparing the two on the validation images, can tell.
+        info = real_export(model, image_size, out_path, *args, **kwargs)
+        graph = onnx.load(str(out_path))
+        rng = np.random.default_rng(0)
+        for init in graph.graph.initializer:
+            w = onnx.numpy_helper.to_array(init)
+            if w.dtype == np.float32 and w.ndim >= 2:
+                init.CopyFrom(onnx.numpy_helper.from_array((w + rng.normal(0, 0.05, w.shape)).astype(np.float32), init.name))
+        onnx.save(graph, str(out_path))
+        return info
+
+    monkeypatch.setattr(bundle_writer, "export_onnx", export_then_drift)
+    registry_dir = tmp_path / "reg"
+    result = _runner().invoke(app, ["export", str(run_dir), "--registry", str(registry_dir), "--variants", "none",
+                                    "--promote", "production"])
+    assert result.exit_code == 2, (result.stderr, result.exception)
+    assert "parity check failed" in result.stderr and "validation images" in result.stderr
+    assert result.stdout == ""  # a script capturing the version id gets none
+    registry = Registry.open(str(registry_dir))
+    assert registry.list_versions() == [] and registry.resolve("production") is None
+    assert not [p for p in (registry_dir / "versions").rglob("*") if p.is_file()], "bundle files were uploaded"
 
 
 def test_export_prints_only_the_version_id_and_the_registry_serves_it(run_dir, tmp_path):
