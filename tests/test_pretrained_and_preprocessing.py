@@ -115,3 +115,9 @@ def test_order_matched_weights_with_a_tensor_missing_are_refused(tmp_path):
     expected = fr"has {len(original) - 1} tensors, backbone 'efficientnet_lite0' expects {len(original)}"
     with pytest.raises(TrainingError, match=expected):
         load_pretrained_network(spec, str(tmp_path / "short.pth"))
+
+
+def test_a_backbone_resizes_at_the_recipe_image_size_or_else_at_its_own_default_crop():
+    spec = get_backbone_spec("efficientnet_lite0")
+    assert spec.resize_policy(None) == ResizePolicy.for_crop(spec.default_crop)
+    assert spec.resize_policy(64) == ResizePolicy(crop_size=64, resize_size=73)

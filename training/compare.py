@@ -41,7 +41,7 @@ class Contender:
 
     @property
     def policy(self) -> ResizePolicy:
-        return ResizePolicy.for_crop(self.cfg.image_size or self.spec.default_crop)
+        return self.spec.resize_policy(self.cfg.image_size)
 
 
 def resolve_contenders(names: list[str], cfg: TrainConfig, weights_for: dict[str, str] | None = None) -> list[Contender]:

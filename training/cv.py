@@ -8,7 +8,6 @@ from typing import Callable
 import numpy as np
 from rich.console import Console
 
-from exporters.preprocess import ResizePolicy
 from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
 from training.data.splits import Splits
@@ -52,7 +51,7 @@ def cross_validate(data: Path, cfg: TrainConfig, folds: int = 5, console: Consol
 
     console = console or Console(stderr=True)
     spec = get_backbone_spec(cfg.backbone)
-    policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
+    policy = spec.resize_policy(cfg.image_size)
     source = discover(data)
     if source.val is not None or source.test is not None:
         raise TrainingError(f"cv pools one labeled set; give {data}/train (or an ImageFolder), not a folder with val/ or test/")

@@ -20,7 +20,6 @@ import yaml
 from rich.console import Console
 from torch import nn
 
-from exporters.preprocess import ResizePolicy
 from training.data import augment
 from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig, load_train_config
@@ -176,7 +175,7 @@ def find_lr(data: Path, cfg: TrainConfig, start_lr: float = 1e-7, end_lr: float 
         raise TrainingError(f"--diverge {diverge:g} would stop at the first wiggle; use a factor above 1 (4 is usual)")
     console = console or Console(stderr=True)
     spec = get_backbone_spec(cfg.backbone)
-    policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
+    policy = spec.resize_policy(cfg.image_size)
     source = discover(data)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

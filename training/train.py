@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from exporters.preprocess import ResizePolicy
 from training.loop import distributed
 from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
@@ -36,7 +35,7 @@ def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None,
     if (out / METRICS).exists() and not overwrite:
         raise TrainingError(f"{out} already holds a training run; choose another --out or pass --overwrite")
     spec = get_backbone_spec(cfg.backbone)
-    policy = ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
+    policy = spec.resize_policy(cfg.image_size)
     source = discover(data, test_dir)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from exporters.preprocess import ResizePolicy
 from training.errors import TrainingError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,6 +41,10 @@ class BackboneSpec:
     @property
     def default_crop(self) -> int:
         return self.recipe_size or self.input_size
+
+    def resize_policy(self, image_size: int | None = None) -> ResizePolicy:
+        """The resize and crop a recipe trains and serves at: its `image_size`, or this backbone's default crop."""
+        return ResizePolicy.for_crop(image_size or self.default_crop)
 
     def describe(self) -> dict:
         return {"name": self.name, "input_size": self.input_size, "recipe_size": self.default_crop, "mean": list(self.mean), "std": list(self.std), **self.meta}

@@ -54,7 +54,7 @@ class Objective:
 
     def _policy(self, cfg: TrainConfig) -> tuple:
         spec = get_backbone_spec(cfg.backbone)
-        return spec, ResizePolicy.for_crop(cfg.image_size or spec.default_crop)
+        return spec, spec.resize_policy(cfg.image_size)
 
     def _pool(self, size: int) -> tuple[DecodedImages, list[dict]]:
         if size not in self._decoded:
