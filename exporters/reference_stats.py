@@ -89,8 +89,10 @@ def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return mean.astype(np.float32), vt[:k].astype(np.float32), ratio.astype(np.float32)
 
 
-def project(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    return ((np.asarray(x, dtype=np.float32) - mean) @ components.T).astype(np.float32)
+def project(embeddings: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Embeddings (N x D) on a PCA basis (N x k, float32): the one projection export, the service and the drift report use.
+    The service calls it on every batch it logs: float32 embeddings are neither copied nor cast on the way."""
+    return ((np.asarray(embeddings, dtype=np.float32) - mean) @ components.T).astype(np.float32, copy=False)
 
 
 def reference_statistics(val_probs: np.ndarray, val_embeddings: np.ndarray, val_labels: np.ndarray,

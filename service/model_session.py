@@ -23,6 +23,7 @@ import numpy as np
 from exporters.model_store.bundle import Bundle, read_reference_stats
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
 from exporters.preprocess import ResizePolicy
+from exporters.reference_stats import project
 from service.settings import ServiceSettings
 
 log = logging.getLogger("cnnloop.service")
@@ -40,7 +41,7 @@ class Reference:
     def project(self, embeddings: np.ndarray) -> np.ndarray | None:
         if self.pca_components is None:
             return None
-        return ((embeddings - self.pca_mean) @ self.pca_components.T).astype(np.float32)
+        return project(embeddings, self.pca_mean, self.pca_components)
 
 
 @dataclass
