@@ -23,11 +23,13 @@ from training.data.stratify import stratified_kfold, stratified_split
 SUMMARY_KEYS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
 
 
+def mean_and_std(values: list[float]) -> dict:
+    """{"mean", "std"} of one score over folds; the sample std (ddof=1), 0 for a single fold."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+
+
 def summarise_folds(fold_scores: list[dict]) -> dict:
-    return {
-        k: {"mean": float(np.mean([f[k] for f in fold_scores])), "std": float(np.std([f[k] for f in fold_scores], ddof=1)) if len(fold_scores) > 1 else 0.0}
-        for k in SUMMARY_KEYS
-    }
+    return {k: mean_and_std([f[k] for f in fold_scores]) for k in SUMMARY_KEYS}
 
 
 def fold_splits(everything: DecodedImages, folds: int, cfg: TrainConfig, skipped: list[dict] | None = None):

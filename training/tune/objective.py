@@ -16,7 +16,7 @@ from rich.console import Console
 from exporters.preprocess import ResizePolicy
 from training.model.backbones import get_backbone_spec
 from training.config import TrainConfig
-from training.cv import fold_splits
+from training.cv import fold_splits, mean_and_std
 from training.data.splits import Splits, prepare_splits
 from training.data.sources import discover
 from training.errors import TrainingError
@@ -98,8 +98,8 @@ class Objective:
             seed_everything(cfg.seed + k)
             per_fold.append(self._fit_and_score(spec, cfg, policy, splits, splits.test, on_epoch(k)))
         values = [s[self.metric] for s in per_fold]
-        return float(np.mean(values)), {"epochs_trained": epochs, "fold_values": values,
-                                        "fold_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        spread = mean_and_std(values)
+        return spread["mean"], {"epochs_trained": epochs, "fold_values": values, "fold_std": spread["std"]}
 
     def _fit_and_score(self, spec, cfg, policy, splits: Splits, scored_on, hook) -> dict:
         model, _ = build_classifier(spec, len(splits.train.classes), cfg.weights, cfg.dropout)
