@@ -1,5 +1,5 @@
 """The service room's one exception family. Each carries the HTTP status and a message that says
-what is wrong and what to do; the HTTP layer translates them in one place (`http_app.error_response`).
+what is wrong and what to do; the HTTP layer translates them in one place (`error_responses.error_response`).
 """
 from __future__ import annotations
 

@@ -2,77 +2,26 @@
 
 Routes are raw Starlette so the service owns every byte of input validation: BentoML's typed
 inputs answer 500 for an undecodable image and fetch URLs given in a file field. Each route
-checks auth, validates, calls one `ServingRuntime` method and shapes JSON; `error_response` (and
-`oip_error_response` for the /v2 routes, service/oip_routes.py) is the one place a ServiceError
-becomes an HTTP answer. BentoML serves /readyz, /livez and /metrics.
+checks auth, validates, calls one `ServingRuntime` method and shapes JSON; service/error_responses.py
+is the one place a ServiceError (or a wrong method) becomes an HTTP answer, in cnnloop's shape here
+and the Open Inference Protocol's under /v2 (service/oip_routes.py). BentoML serves /readyz, /livez
+and /metrics.
 """
 from __future__ import annotations
 
-import functools
-import logging
-from typing import Awaitable, Callable
-
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from service import oip
 from service.auth import require_bearer
-from service.errors import NotReady, PayloadTooLarge, ServiceError
+from service.error_responses import answer_for_path, answer_method_not_allowed, endpoint_answering, error_response
+from service.errors import PayloadTooLarge
+from service.oip_routes import oip_routes
 from service.openapi import build_spec
 from service.request_validation import parse_feedback, read_image_uploads, read_labeled_upload
 from service.runtime import ServingRuntime
-
-log = logging.getLogger("cnnloop.service")
-
-
-def _error_headers(error: ServiceError, headers: dict | None = None) -> dict | None:
-    return {**(headers or {}), "WWW-Authenticate": "Bearer"} if error.status == 401 else headers
-
-
-def error_response(error: ServiceError) -> JSONResponse:
-    return JSONResponse(error.as_json(), status_code=error.status, headers=_error_headers(error))
-
-
-def oip_error_response(error: ServiceError, headers: dict | None = None) -> JSONResponse:
-    """The same error in the Open Inference Protocol's shape, for /v2: {"error": message, "code": code}."""
-    return JSONResponse(oip.error_body(error), status_code=error.status, headers=_error_headers(error, headers))
-
-
-def _runtime(request: Request) -> ServingRuntime:
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is None:
-        raise NotReady("the service is still starting")
-    return runtime
-
-
-def endpoint_answering(answer: Callable[[ServiceError], Response]):
-    """A route decorator whose errors `answer` shapes: `error_response`, or `oip_error_response` on /v2."""
-
-    def endpoint(fn: Callable[[Request, ServingRuntime], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        """Run a route; a ServiceError becomes its 4xx/503 JSON, anything else a logged 500 JSON."""
-
-        @functools.wraps(fn)
-        async def wrapped(request: Request) -> Response:
-            runtime = getattr(request.app.state, "runtime", None)
-            try:
-                return await fn(request, _runtime(request))
-            except ServiceError as e:
-                if runtime is not None and e.status < 500:
-                    runtime.metrics.rejected.labels(e.code).inc()
-                return answer(e)
-            except ClientDisconnect:
-                return Response(status_code=499)
-            except Exception:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return answer(ServiceError("unexpected server error; see the service log"))
-
-        return wrapped
-
-    return endpoint
-
 
 endpoint = endpoint_answering(error_response)
 
@@ -133,8 +82,7 @@ class BodySizeLimit:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > limit:
             runtime.metrics.rejected.labels("payload_too_large").inc()
-            answer = oip_error_response if scope["path"].startswith(oip.PREFIX) else error_response
-            response = answer(PayloadTooLarge(
+            response = answer_for_path(scope["path"])(PayloadTooLarge(
                 f"request body is {declared} bytes; the limit is {limit} (CNNLOOP_MAX_BODY_BYTES). "
                 "Send fewer or smaller images per request."))
             return await response(scope, receive, send)
@@ -154,8 +102,6 @@ class BodySizeLimit:
 
 def build_http_app() -> Starlette:
     """The routes; `app.state.runtime` is set when the service starts."""
-    from service.oip_routes import oip_routes  # here: it builds on this module's endpoint_answering
-
     return Starlette(
         routes=[
             Route("/predict", predict, methods=["POST"]),
@@ -168,4 +114,5 @@ def build_http_app() -> Starlette:
             *oip_routes(),
         ],
         middleware=[Middleware(BodySizeLimit)],
+        exception_handlers={405: answer_method_not_allowed},
     )

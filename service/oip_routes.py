@@ -3,8 +3,8 @@
 Thin like the /predict route: auth (the predict token, as /predict), then `service.oip` parses the
 body, `ServingRuntime.classify` runs the very path /predict runs (decode pool, batcher, log records,
 metrics, drift), and `service.oip` encodes the answer. Errors answer in the protocol's shape
-(`http_app.oip_error_response`). Not-ready answers 503 as /readyz and /predict do (the protocol
-asks for "a 4xx"; clients test for 200). Unknown /v2 paths answer an OIP 404, wrong methods 405.
+(`error_responses.oip_error_response`). Not-ready answers 503 as /readyz and /predict do (the protocol
+asks for "a 4xx"; clients test for 200). Unknown /v2 paths answer an OIP 404, wrong methods an OIP 405.
 """
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
 from service import oip, oip_request
 from service.auth import require_bearer
-from service.errors import NotFound, ServiceError
-from service.http_app import endpoint_answering, oip_error_response
+from service.error_responses import count_rejection, endpoint_answering, method_not_allowed, oip_error_response
+from service.errors import NotFound
 from service.model_session import LoadedModel
 from service.openapi import service_version
 from service.runtime import ServingRuntime
@@ -103,20 +104,33 @@ def _routes() -> list[Route]:
     ]
 
 
+class _NotServed:
+    """Answers every /v2 request no route takes: 405 naming the methods when a route has the path, else 404.
+
+    An ASGI app, not a function, so that its route takes every method: Starlette gives a function
+    endpoint GET alone, and then a POST to a path no route has (tritonclient's POST
+    /v2/repository/index) fell through to Starlette's plain-text 405 for the catch-all's GET."""
+
+    def __init__(self, routes: list[Route]):
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        allowed = {m for r in self.routes if r.matches(scope)[0] == Match.PARTIAL for m in r.methods}
+        if allowed:
+            response = method_not_allowed(request, allowed)
+        else:
+            error = NotFound(
+                f"no route {request.method} {request.url.path}; this server implements the Open Inference Protocol's "
+                f"health, metadata and infer routes for model '{oip.MODEL_NAME}' (binary_tensor_data extension only)",
+                code="no_such_route")
+            count_rejection(request, error)
+            response = oip_error_response(error)
+        await response(scope, receive, send)
+
+
 def oip_routes() -> list[Route]:
     """The /v2 routes, then one that answers every other /v2 request in the protocol's error shape."""
     routes = _routes()
-
-    async def not_served(request: Request) -> Response:
-        allowed = sorted({m for r in routes if r.matches(request.scope)[0] == Match.PARTIAL for m in r.methods})
-        if allowed:
-            return oip_error_response(ServiceError(f"{request.method} is not allowed on {request.url.path}; use "
-                                                   f"{' or '.join(allowed)}", code="method_not_allowed", status=405),
-                                      headers={"Allow": ", ".join(allowed)})
-        return oip_error_response(NotFound(
-            f"no route {request.method} {request.url.path}; this server implements the Open Inference Protocol's "
-            f"health, metadata and infer routes for model '{oip.MODEL_NAME}' (binary_tensor_data extension only)",
-            code="no_such_route"))
-
     # Needed under BentoML: its mount hands a path to this app only when one of its routes matches.
-    return [*routes, Route(f"{oip.PREFIX}/{{rest:path}}", not_served, name=NOT_SERVED)]
+    return [*routes, Route(f"{oip.PREFIX}/{{rest:path}}", _NotServed(routes), name=NOT_SERVED)]

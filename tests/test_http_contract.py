@@ -172,6 +172,24 @@ def test_oversized_json_is_refused_before_it_is_read(server):
     assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
 
 
+@pytest.mark.parametrize("method, path, allow", [
+    ("GET", "/predict", "POST"),
+    ("PUT", "/feedback", "POST"),
+    ("GET", "/feedback/image", "POST"),
+    ("DELETE", "/info", "GET, HEAD"),
+    ("GET", "/admin/reload", "POST"),
+    ("POST", "/docs.json", "GET, HEAD"),
+    ("BREW", "/predict", "POST"),
+])
+def test_a_wrong_method_is_a_json_405_naming_the_methods_the_path_takes(server, method, path, allow):
+    with server.client() as c:
+        r = c.request(method, path, headers=AUTH)
+    assert r.status_code == 405 and r.headers["content-type"] == "application/json", r.text
+    assert r.headers["allow"] == allow
+    assert r.json() == {"error": "method_not_allowed",
+                        "message": f"{method} is not allowed on {path}; use {allow.replace(', ', ' or ')}"}
+
+
 def _raw(server, data: bytes, wait_s: float = 20) -> bytes:
     host, port = server.url.split("//")[1].split(":")
     with socket.create_connection((host, int(port)), timeout=wait_s) as s:

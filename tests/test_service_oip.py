@@ -258,7 +258,9 @@ RAW_ERRORS = {
                              400, "data_size_mismatch"),
     "declared_body_over_the_limit": (lambda c: c.post(INFER, content=b"x" * (MAX_BODY + 1)), 413, "payload_too_large"),
     "unknown_route": (lambda c: c.get("/v2/repository/index"), 404, "no_such_route"),
+    "unknown_route_posted": (lambda c: c.post("/v2/repository/index", json={}), 404, "no_such_route"),
     "wrong_method": (lambda c: c.get(INFER), 405, "method_not_allowed"),
+    "wrong_method_on_a_get_route": (lambda c: c.post("/v2/models/cnnloop/ready"), 405, "method_not_allowed"),
 }
 
 
@@ -269,3 +271,39 @@ def test_a_bad_request_gets_the_protocols_error_body_with_our_code(case, client)
     assert r.status_code == status, r.text
     body = r.json()
     assert body["code"] == code and body["error"] and "message" not in body
+
+
+# What a client meets on a path the server has with the wrong method, or on one it does not have at all.
+WRONG_METHODS = {
+    "get_infer": ("GET", INFER, "POST"),
+    "post_model_ready": ("POST", "/v2/models/cnnloop/ready", "GET, HEAD"),
+    "delete_versioned_metadata": ("DELETE", "/v2/models/cnnloop/versions/1", "GET, HEAD"),
+    "put_server_metadata": ("PUT", "/v2", "GET, HEAD"),
+    "unknown_method_on_live": ("BREW", "/v2/health/live", "GET, HEAD"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_METHODS))
+def test_a_wrong_method_is_an_oip_405_naming_the_methods_the_path_takes(case, client):
+    method, path, allow = WRONG_METHODS[case]
+    r = client.request(method, path)
+    assert r.status_code == 405 and r.headers["content-type"] == "application/json", r.text
+    assert r.headers["allow"] == allow
+    assert r.json() == {"error": f"{method} is not allowed on {path}; use {allow.replace(', ', ' or ')}",
+                        "code": "method_not_allowed"}
+
+
+# tritonclient's repository and model-control calls POST to routes this server does not implement.
+NOT_IMPLEMENTED = {
+    "repository_index": (lambda t: t.get_model_repository_index(), "POST /v2/repository/index"),
+    "load_model": (lambda t: t.load_model("cnnloop"), "POST /v2/repository/models/cnnloop/load"),
+}
+
+
+@pytest.mark.parametrize("case", list(NOT_IMPLEMENTED))
+def test_tritonclient_raises_our_404_for_a_route_not_implemented(case, triton):
+    call, route = NOT_IMPLEMENTED[case]
+    with pytest.raises(InferenceServerException) as e:
+        call(triton)
+    assert e.value.status() == "404" and e.value.message().startswith(f"no route {route};"), e.value.message()
+    assert "Open Inference Protocol's health, metadata and infer routes" in e.value.message()
