@@ -375,3 +375,11 @@ def test_every_readme_command_is_run_or_excused():
     assert not unaccounted, f"README commands no test runs (add a test, or a reason to NOT_RUN): {unaccounted}"
     stale = sorted((RUN | set(NOT_RUN)) - shown)
     assert not stale, f"commands listed here that the README no longer shows: {stale}"
+
+
+def test_the_readme_says_how_many_of_its_commands_are_run_and_excused():
+    shown = set(bash_lines()) - {normal(named_command("main")), normal(named_command("tests"))}
+    said = re.search(r"Of the other (\d+) command lines .*? runs (\d+) as printed .*? lists the other (\d+) in its `NOT_RUN`",
+                     " ".join((ROOT / "README.md").read_text().split()))
+    assert said, "README.md no longer says how many of its commands tests/test_readme_commands.py runs"
+    assert tuple(map(int, said.groups())) == (len(shown), len(shown & RUN), len(shown & set(NOT_RUN)))
