@@ -2,19 +2,21 @@
 record ids, feedback, replicas writing at once, schema versions, indexed window reads, old layouts."""
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timezone
 
 import numpy as np
 import pytest
 from sqlalchemy import event, text
 
 from exporters.prediction_log.schema import SCHEMA_VERSION, SchemaTooNew
-from exporters.prediction_log.records import (FEEDBACK, LABELED_UPLOAD, PredictionRecord, new_record_id,
-                                      record_date)
+from exporters.prediction_log.records import FEEDBACK, LABELED_UPLOAD, PredictionRecord, new_record_id, record_time
 from exporters.prediction_log.sql import open_prediction_log
 from exporters.prediction_log.sql import LogUrlError, database_url, redact
 from exporters.storage import StorageError
@@ -27,10 +29,17 @@ def _record(label="a", sha="ab" * 32, stored=True, at=1_700_000_000.0, version="
                             filename="x.jpg", embedding=np.ones(4, np.float16).tobytes(), embedding_space="raw")
 
 
-def test_record_ids_are_unique_and_carry_their_date():
+def _legacy_object(r: PredictionRecord) -> tuple[str, bytes]:
+    """A record as cnnloop wrote it before the SQL log: one JSON object per record under its UTC date, embedding in base64."""
+    day = datetime.fromtimestamp(r.created_at, tz=timezone.utc).strftime("%Y-%m-%d")
+    body = {**asdict(r), "embedding": base64.b64encode(r.embedding).decode() if r.embedding is not None else None}
+    return f"predictions/{day}/{r.prediction_id}.json", json.dumps(body).encode()
+
+
+def test_record_ids_are_unique_and_carry_their_time():
     ids = {new_record_id(1_700_000_000.0) for _ in range(1000)}
     assert len(ids) == 1000
-    assert record_date(next(iter(ids))) == "2023-11-14"
+    assert record_time(next(iter(ids))) == 1_700_000_000.0
 
 
 def test_a_record_reads_back_field_for_field(sql_log):
@@ -270,7 +279,7 @@ def test_a_legacy_s3_log_moves_into_the_database_once(sql_log, s3_bucket):
     store = open_store(s3_bucket.uri("svc"), endpoint_url=s3_bucket.endpoint_url)
     recs = [_record(sha=f"{i:064x}") for i in range(3)]
     for r in recs:  # the layout cnnloop wrote before the SQL log: one object per record
-        store.put_if_absent(f"predictions/{record_date(r.prediction_id)}/{r.prediction_id}.json", json.dumps(r.to_json()).encode())
+        store.put_if_absent(*_legacy_object(r))
     pid = recs[0].prediction_id
     for ns, (label, prev) in enumerate([("b", None), ("a", "b")]):
         event = {"prediction_id": pid, "label": label, "previous_label": prev, "at": 1_700_000_010.0 + ns}
@@ -299,7 +308,7 @@ def test_cnnloop_log_import_s3_then_info_as_a_user_types_them(postgres_url, s3_b
     store = open_store(s3_bucket.uri("svc"), endpoint_url=s3_bucket.endpoint_url)
     recs = [_record(sha=f"{i:064x}") for i in range(5)]
     for r in recs:
-        store.put_if_absent(f"predictions/{record_date(r.prediction_id)}/{r.prediction_id}.json", json.dumps(r.to_json()).encode())
+        store.put_if_absent(*_legacy_object(r))
     cnnloop = str(Path(sys.executable).parent / "cnnloop")
     flags = ["--data-dir", s3_bucket.uri("svc"), "--s3-endpoint-url", s3_bucket.endpoint_url]
     env = {**os.environ, "CNNLOOP_LOG_URL": postgres_url}

@@ -320,11 +320,6 @@ class Registry:
         doc = self._read_alias(alias)
         return doc["version"] if doc else None
 
-    def alias_history(self, alias: str) -> list[str]:
-        """Versions the alias pointed at before, newest first: what rollback walks back through."""
-        doc = self._read_alias(alias)
-        return list(doc.get("history", [])) if doc else []
-
     def _update_alias(self, alias: str, change: Callable[[dict | None], dict | None]) -> tuple[dict | None, dict | None]:
         """Read-modify-write of one alias with optimistic concurrency: (old doc, new doc).
 

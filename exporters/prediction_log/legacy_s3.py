@@ -10,6 +10,7 @@ interrupted import is finished by running it again.
 """
 from __future__ import annotations
 
+import base64
 import json
 from collections import defaultdict
 from dataclasses import dataclass
@@ -44,6 +45,13 @@ def _existing(log: SqlPredictionLog, column, ids: list[str]) -> set[str]:
     return found
 
 
+def _record_from_json(d: dict) -> PredictionRecord:
+    """A legacy prediction object: the record's fields, its embedding bytes base64-encoded."""
+    d = {k: v for k, v in d.items() if k in PredictionRecord.__dataclass_fields__}
+    d["embedding"] = base64.b64decode(d["embedding"]) if d.get("embedding") else None
+    return PredictionRecord(**d)
+
+
 def _read_events(store: Store) -> dict[str, list[dict]]:
     events: dict[str, list[dict]] = defaultdict(list)
     for key in sorted(store.list("feedback")):  # keys sort by time within a prediction
@@ -64,7 +72,7 @@ def import_legacy_s3_log(store: Store, log: SqlPredictionLog, progress: Callable
             if pid in have:
                 skipped += 1
                 continue
-            record = PredictionRecord.from_json(json.loads(store.get_bytes(key)))
+            record = _record_from_json(json.loads(store.get_bytes(key)))
             for e in events.get(pid, []):
                 event_rows.append({"prediction_id": pid, "label": e["label"], "previous_label": e.get("previous_label"), "at": e["at"]})
             if events.get(pid):

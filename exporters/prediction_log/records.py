@@ -22,11 +22,9 @@ moves them into the database (exporters/prediction_log/legacy_s3.py).
 """
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Iterable, Iterator, Protocol
 
 import numpy as np
@@ -49,11 +47,6 @@ def record_time(record_id: str) -> float:
     if not is_record_id(record_id):
         raise ValueError(f"{record_id!r} is not a record id")
     return int(record_id[:12], 16) / 1000
-
-
-def record_date(record_id: str) -> str:
-    """The UTC date a record id was minted on, e.g. '2024-05-01' (the S3 key partition); ValueError if not an id."""
-    return datetime.fromtimestamp(record_time(record_id), tz=timezone.utc).strftime("%Y-%m-%d")
 
 
 def is_record_id(value: str) -> bool:
@@ -88,17 +81,6 @@ class PredictionRecord:
     embedding_space: str | None = None
     feedback_label: str | None = None
     feedback_at: float | None = None
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["embedding"] = base64.b64encode(self.embedding).decode() if self.embedding is not None else None
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "PredictionRecord":
-        d = dict(d)
-        d["embedding"] = base64.b64decode(d["embedding"]) if d.get("embedding") else None
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

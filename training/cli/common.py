@@ -12,7 +12,6 @@ from rich.console import Console
 # Exit codes mean something to scripts: 0 ok, 1 the job ran but its check failed,
 # 2 bad input (flags, config, data, unknown names), 3 storage/registry unreachable or refused,
 # 4 busy (another retrain run holds the lock).
-EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3

@@ -29,10 +29,6 @@ class LabeledFiles:
     def subset(self, idx: np.ndarray) -> "LabeledFiles":
         return LabeledFiles([self.paths[i] for i in idx], self.labels[idx], self.classes)
 
-    def class_counts(self) -> dict[str, int]:
-        counts = np.bincount(self.labels, minlength=len(self.classes))
-        return {c: int(n) for c, n in zip(self.classes, counts)}
-
 
 @dataclass
 class DataSource:
