@@ -42,8 +42,9 @@ def postmaster_pid(pg) -> int:
 
 
 def load_legacy_log_module(workdir: Path, commit: str):
-    """exporters/prediction_log/records.py as it was at `commit` (S3PredictionLog, SqlitePredictionLog), imported from git."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:exporters/prediction_log/records.py"],
+    """exporters/prediction_log.py as it was at `commit` (S3PredictionLog, SqlitePredictionLog), imported from git.
+    Commits before the prediction_log/ package (17139d7) held the whole log in that one file: the path is historical."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:exporters/prediction_log.py"],
                             capture_output=True, text=True, check=True).stdout
     path = workdir / "legacy_prediction_log.py"
     path.write_text(source)

@@ -1,5 +1,5 @@
 """Phone photos are read as they display: EXIF Orientation (all 8 values), HEIC and AVIF, in
-preprocessing, in training's image cache and through the real service over HTTP.
+preprocessing, in training's decoding (training.data.decode) and through the real service over HTTP.
 
 Every file here is a real encoded image (Pillow, pillow-heif, Pillow's AVIF plugin), stored the way
 a camera stores it: pixels as the sensor saw them, plus the tag that says how to show them.

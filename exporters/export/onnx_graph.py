@@ -25,7 +25,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("probabilities", "embedding")
 INPUT_LAYOUT = "NHWC"
 INPUT_DTYPE = "uint8"
-# Parity bounds the issue sets: ORT and torch agree to 1e-4 on probabilities and always on top-1.
+# The export bar (check_parity): ORT and torch agree to 1e-4 on probabilities and always on top-1, or no bundle.
 PARITY_TOLERANCE = 1e-4
 
 

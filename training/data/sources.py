@@ -1,6 +1,6 @@
 """Where labeled images come from: ImageFolder, train/val/test layout, or a CSV manifest.
 
-Discovery only lists files and labels; decoding happens once, in `image_cache.py`.
+Discovery only lists files and labels; decoding happens once, in `training.data.decode`.
 """
 from __future__ import annotations
 
