@@ -1,23 +1,18 @@
-"""A fitted model becomes a run directory: scores on val (and test), weights, config, metrics, split
+"""A fitted model becomes a run directory: weights, config, metrics (scored by the caller), split
 lists and plots. `cnnloop train` and the retrain job's challenger both leave one; export reads it."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from exporters.preprocess import ResizePolicy
 from training.config import TrainConfig, save_config
 from training.data.splits import Splits
-from training.loop.fit import FitResult, score_split
+from training.loop.fit import FitResult
 from training.scoring.plots import plot_confusion, plot_curves
 from training.run.files import CONFIG, METRICS, SKIPPED, save_model, write_json, write_splits
 
 
-def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, policy: ResizePolicy, device, info: dict,
-              origin: dict, metrics: dict) -> dict:
-    """Score the fitted model on val (and test), then write the run directory; returns `metrics` completed."""
-    metrics["val"], _, _ = score_split(fit.model, splits.val, policy, device, cfg)
-    if splits.test is not None and len(splits.test):
-        metrics["test"], _, _ = score_split(fit.model, splits.test, policy, device, cfg)
+def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, info: dict, origin: dict, metrics: dict) -> None:
+    """Write the run directory; `metrics` already holds the "val" (and "test") scores its confusion plots draw."""
     save_model(out, fit.model.cpu(), info)
     save_config(cfg, out / CONFIG)
     write_json(out / METRICS, metrics)
@@ -27,4 +22,3 @@ def write_run(out: Path, fit: FitResult, splits: Splits, cfg: TrainConfig, polic
     for name in ("val", "test"):
         if name in metrics:
             plot_confusion(metrics[name]["confusion_matrix"], info["classes"], out / f"confusion_{name}.png", f"{name} confusion")
-    return metrics
