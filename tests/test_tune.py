@@ -1,8 +1,9 @@
 """`cnnloop tune`: real Optuna studies over real (tiny) fine-tuning runs on the digits images.
 
-What is shown: the space is checked before any trial; no trial reads the test split; the pruner stops
-a bad trial; Ctrl-C stops cleanly and the same command resumes; the best config trains to the same
-score through `cnnloop train --config`; two worker processes share one PostgreSQL study exactly.
+What is shown: the space is checked before any trial; no trial reads the test split; each pruner
+(median, hyperband) stops a bad trial; Ctrl-C or SIGTERM stops cleanly and the same command resumes;
+the best config trains to the same score through `cnnloop train --config`; two worker processes
+share one PostgreSQL study exactly.
 """
 from __future__ import annotations
 
@@ -150,7 +151,28 @@ def test_the_pruner_stops_a_scripted_bad_trial(digits, tmp_path):
     assert summary["states"] == {"COMPLETE": 2, "PRUNED": 1}
 
 
-# --- Ctrl-C and resume -----------------------------------------------------------------------------
+def test_the_hyperband_pruner_stops_a_scripted_bad_trial(digits, tmp_path):
+    out = tmp_path / "out"
+    # 4 epochs: max_resource 4, so two brackets; the first judges at step 1 (epoch 2) and 3. Optuna
+    # places a trial by crc32 of the study name and trial number: in study "cnnloop" trials 0 and 1
+    # share the first bracket, where the judge compares them (a trial alone in its bracket always passes).
+    recipe = [*FAST, "--epochs", 4, "--image-size", 64, "--pruner", "hyperband"]
+    tune(digits, "--trials", 1, "--out", out, *recipe)  # hyperband needs one rival, not two finished trials
+    study = load(out)
+    good = study.trials[0]
+    assert good.state == TrialState.COMPLETE and good.user_attrs["epochs_trained"] == 4
+    study.enqueue_trial({**good.params, "lr": 10.0, "optimizer": "adamw", "strategy": "finetune", "backbone_lr_ratio": 1.0})
+    proc = tune(digits, "--trials", 2, "--out", out, *recipe)
+    bad = load(out).trials[1]
+    assert bad.params["lr"] == 10.0
+    assert bad.state == TrialState.PRUNED, proc.stderr[-2000:]
+    assert bad.user_attrs["epochs_trained"] == 2, "not stopped at the first rung (epoch 2 of 4)"
+    assert "PRUNED" in proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["states"] == {"COMPLETE": 1, "PRUNED": 1}
+
+
+# --- Ctrl-C, SIGTERM and resume --------------------------------------------------------------------
 
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -171,13 +193,15 @@ def _mid_trial(out: Path) -> bool:
             and all(t.state == TrialState.COMPLETE for t in rows[:-1]))
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(digits, tmp_path):
+# SIGTERM is how Kubernetes stops a tuning worker's pod: it must leave the study as resumable as Ctrl-C does.
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
+def test_a_stop_signal_stops_cleanly_and_the_same_command_resumes(digits, tmp_path, stop):
     out = tmp_path / "out"
     args = [*CLI, digits, "--trials", 3, "--pruner", "none", "--out", out, *FAST, "--epochs", 6]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: _mid_trial(out), 300, "a trial after the first to report an epoch")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
