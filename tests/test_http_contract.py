@@ -128,9 +128,11 @@ def test_swagger_ui_try_it_out_authorizes_uploads_an_image_and_gets_a_prediction
 def test_fuzzing_every_route_from_the_spec_finds_no_5xx_and_no_undocumented_answer(server, tmp_path):
     # One worker: with two, schemathesis's coverage phase generates in a thread, whose smaller stack
     # crashed Hypothesis (SystemError: AST constructor recursion depth mismatch) on the infer schema.
+    # Examples per route, measured on 2 cores shared with other work: 25 took 12-17 s (1207 cases),
+    # 200 85-92 s (3797), 1000 410 s (15645, no issue found either): 200 is what CI's time allows.
     command = [str(Path(sys.executable).parent / "schemathesis"), "--no-color",
                "--config-file", str(ROOT / "tests" / "schemathesis.toml"),
-               "run", server.url + "/docs.json", "--checks", "all", "--max-examples", "25", "--seed", "14",
+               "run", server.url + "/docs.json", "--checks", "all", "--max-examples", "200", "--seed", "14",
                "--workers", "1", "--header", f"Authorization: Bearer {TOKEN}", "--request-timeout", "30"]
     # cwd: schemathesis keeps its example database (.hypothesis/) where it runs.
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.schemathesis_hooks", "PYTHONPATH": str(ROOT)}
