@@ -203,3 +203,32 @@ def test_a_champion_published_with_the_old_weight_names_still_warm_starts_a_retr
     assert json.loads((Path(out["run_dir"]) / "metrics.json").read_text())["warm_start_from"] == old
     challenger = registry.show(out["challenger"])
     assert challenger["parent_version"] == old and challenger["retrain"]["weights"] == "model.safetensors"
+
+
+# SQLite only: the race is in the registry, which is the same whichever log the job reads, and each
+# retrain here costs minutes of a 2-core CI.
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_production_moved_during_the_retrain_stands_and_the_better_challenger_stays_candidate(champion, loop, monkeypatch):
+    settings, registry = loop
+    hotfix = republish_in_old_layout(registry, champion["version"], settings.work_dir / "hotfix")  # any other complete version
+    log_traffic(settings, registry, champion["traffic"], shift=True, feedback=True)  # a challenger that wins
+    publish = Registry.publish
+
+    def publish_while_someone_promotes(self, bundle_dir, metadata, **kw):
+        version = publish(self, bundle_dir, metadata, **kw)
+        # Between the job publishing its challenger and promoting it, a person promotes another
+        # version through their own registry handle: the job read production long before.
+        Registry.open(settings.registry).promote(hotfix, "production")
+        return version
+
+    monkeypatch.setattr(Registry, "publish", publish_while_someone_promotes)
+    record = retrain_once(settings, console, force=True, show_progress=False)
+    out = record["outcome"]
+    ev = out["evaluation"]
+    assert ev["challenger"]["holdout"]["accuracy"] >= ev["champion"]["holdout"]["accuracy"] + settings.promote_margin, \
+        "the challenger must deserve promotion for the test to mean anything"
+    assert registry.resolve("production") == hotfix, "the retrain replaced a version promoted meanwhile"
+    assert registry.resolve("candidate") == out["challenger"] != hotfix
+    assert out["status"] == "kept_champion" and out["production"] == hotfix
+    assert "production moved during the retrain" in out["verdict"]
+    assert audit.read_decisions(open_store(settings.data_dir))[-1]["outcome"] == out
