@@ -71,6 +71,22 @@ def test_run_dir_holds_weights_metrics_plots_and_class_list(trained):
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_run_fits_its_calibration_on_val_and_reports_it_on_test(trained):
+    out, metrics = trained
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["temperature"] > 0 and calibration["coverage"] == 0.9
+    assert calibration["n_calibration"] == metrics["val"]["n"]
+    assert metrics["calibration"]["fitted_on"] == "val" and metrics["calibration"]["temperature"] == calibration["temperature"]
+    # The temperature minimises NLL on val, so val NLL cannot rise (the golden-section search includes T near 1).
+    assert metrics["calibration"]["val"]["after"]["nll"] <= metrics["calibration"]["val"]["before"]["nll"] + 1e-6
+    for key in ("ece", "nll", "brier"):
+        assert key in metrics["calibration_test"]["before"] and key in metrics["calibration_test"]["after"]
+    assert metrics["prediction_sets"]["n"] == sum(metrics["class_counts"]["test"].values())
+    assert set(metrics["risk_coverage"]["at_coverage"]) == {"0.80", "0.90", "1.00"}
+    for png in ("reliability.png", "risk_coverage.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_splits_are_disjoint_and_test_is_stratified(trained):
     out, _ = trained
     splits = json.loads((out / "splits.json").read_text())
@@ -101,7 +117,12 @@ def test_evaluate_writes_scores_and_confusion_png(trained, digits3, tmp_path):
     out, _ = trained
     evaluate_run(out, digits3, tmp_path / "eval")
     assert (tmp_path / "eval" / "confusion.png").is_file()
-    assert json.loads((tmp_path / "eval" / "scores.json").read_text())["classes"] == ["0", "1", "7"]
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert scores["classes"] == ["0", "1", "7"]
+    # With the run's calibration: its sets and accuracy against coverage on this folder, and the PNGs.
+    assert scores["prediction_sets"]["n"] == 90 and scores["calibration"]["temperature"] > 0
+    assert scores["risk_coverage"]["at_coverage"]["1.00"]["accuracy"] == pytest.approx(scores["accuracy"])
+    assert (tmp_path / "eval" / "reliability.png").is_file() and (tmp_path / "eval" / "risk_coverage.png").is_file()
 
 
 def test_frozen_backbone_weights_do_not_change_while_the_head_learns(digits3, tmp_path):

@@ -57,6 +57,13 @@ class TrainConfig(BaseSettings):
     patience: int = Field(4, ge=1)
     min_delta: float = Field(0.0, ge=0)
 
+    # confidence: fitted after training on the val split (training.scoring.confidence)
+    coverage: float = Field(0.9, ge=0.5, lt=1, description="prediction sets hold the true class with at least this "
+                            "probability (split conformal, exchangeable traffic)")
+    target_accuracy: float | None = Field(None, gt=0, le=1, description="abstain under the calibrated confidence whose "
+                                          "answers reach this accuracy on the calibration data (default: never abstain)")
+    max_set_size: int | None = Field(None, ge=1, description="abstain when an answer's prediction set has more classes")
+
     # hardware and reproducibility
     device: Device = Field("auto", description=DEVICE_CHOICES)
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")

@@ -13,11 +13,12 @@ from training.data.splits import Splits, class_counts_by_split, prepare_splits
 from training.data.sources import discover
 from training.loop.steps import resolve_device
 from training.errors import TrainingError
-from training.loop.fit import fit_model, score_val_and_test, seed_everything
+from training.loop.fit import fit_model, seed_everything
 from training.model.classifier import build_classifier
 from training.progress import make_progress
 from training.run.files import METRICS, SKIPPED
 from training.run.writer import write_run
+from training.scoring.confidence import score_and_calibrate, write_confidence
 
 
 def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None, overwrite: bool = False,
@@ -60,8 +61,10 @@ def train(data: Path, out: Path, cfg: TrainConfig, test_dir: Path | None = None,
             metrics["distributed"] = {"world_size": launch.world_size, "weights_sha256": fit.replica_fingerprints}
         info = {"backbone": spec.describe(), "weights": weights_desc, "classes": splits.train.classes, "policy": policy.as_dict(),
                 "dropout": cfg.dropout, "embed_dim": int(fit.model.head.in_features), "best_epoch": fit.best_epoch}
-        metrics.update(score_val_and_test(fit.model, splits, policy, device, cfg))
+        scores, calibration = score_and_calibrate(fit.model, splits, policy, device, cfg)
+        metrics.update(scores)
         write_run(out, fit, splits, cfg, info, source.origin, metrics)
+        write_confidence(out, calibration, metrics)
         return distributed.broadcast_from_main(metrics)
 
 

@@ -24,6 +24,16 @@ def _scores_table(title: str, rows: dict[str, dict]) -> Table:
     return t
 
 
+def _print_confidence(metrics: dict, where: str = "test split") -> None:
+    from exporters.calibration import Calibration
+    from training.scoring.confidence import confidence_lines
+
+    calibration = Calibration.from_json(metrics.get("calibration"))
+    if calibration is not None:
+        for line in confidence_lines(calibration, metrics, where):
+            console.print(line, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     @with_config_options
@@ -41,7 +51,10 @@ def register(app: typer.Typer) -> None:
 
         Missing val/test splits are carved from train (stratified, seeded). The run directory gets
         model.safetensors, model.json, config.yaml, classes.json, metrics.json (per-epoch history,
-        final val/test scores), curves.png and confusion_*.png.
+        final val/test scores, calibration before/after, prediction-set coverage, accuracy at 80/90/100%
+        coverage), calibration.json (temperature, conformal threshold and abstention rule fitted on val,
+        carried into the bundle by export), curves.png, confusion_*.png, reliability.png and
+        risk_coverage.png.
 
         Data-parallel on several CPUs or GPUs: torchrun --standalone --nproc_per_node=N --no-python cnnloop train ...
         """
@@ -59,8 +72,10 @@ def register(app: typer.Typer) -> None:
             return  # under torchrun, rank 0 reports for the whole job
         console.print(_scores_table(f"run {out} (best epoch {metrics['best_epoch']})",
                                     {k: metrics[k] for k in ("val", "test") if k in metrics}))
+        _print_confidence(metrics)
         if json_out:
-            emit_json({k: metrics[k] for k in ("val", "test", "best_epoch", "history") if k in metrics}, json_out)
+            keys = ("val", "test", "best_epoch", "history", "calibration", "calibration_test", "prediction_sets", "risk_coverage")
+            emit_json({k: metrics[k] for k in keys if k in metrics}, json_out)
 
     @app.command("cv")
     @with_config_options
@@ -106,7 +121,10 @@ def register(app: typer.Typer) -> None:
         json_out: str = typer.Option(None, "--json", help="Write the scores as JSON ('-' for stdout)."),
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     ) -> None:
-        """Re-score a trained run on any labeled folder (accuracy, macro P/R/F1, per-class, confusion)."""
+        """Re-score a trained run on any labeled folder (accuracy, macro P/R/F1, per-class, confusion).
+
+        With the run's calibration (calibration.json): calibration before/after, prediction-set coverage
+        and size, and accuracy at 80/90/100% coverage; --out gets reliability.png and risk_coverage.png."""
         from training.devices import resolve_device
         from training.evaluate import evaluate_run
 
@@ -114,5 +132,6 @@ def register(app: typer.Typer) -> None:
             resolve_device(device)
             scores = evaluate_run(run_dir, data, out, device)
         console.print(_scores_table(f"{run_dir} on {data}", {"data": scores}))
+        _print_confidence(scores, str(data))
         if json_out:
             emit_json(scores, json_out)

@@ -36,14 +36,6 @@ def score_split(model, data: DecodedImages, policy: ResizePolicy, device, cfg: T
     return classification_scores(data.labels.numpy(), probs, data.classes), probs, embs
 
 
-def score_val_and_test(model, splits: Splits, policy: ResizePolicy, device, cfg: TrainConfig) -> dict:
-    """{"val": scores, "test": scores}: what a run's metrics report; "test" only when the splits have one."""
-    scores = {"val": score_split(model, splits.val, policy, device, cfg)[0]}
-    if splits.test is not None and len(splits.test):
-        scores["test"] = score_split(model, splits.test, policy, device, cfg)[0]
-    return scores
-
-
 @dataclass
 class FitResult:
     model: torch.nn.Module  # best weights restored, all stages open, eval mode

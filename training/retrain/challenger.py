@@ -11,8 +11,9 @@ from exporters.preprocess import ResizePolicy
 from training.config import TrainConfig, load_train_config
 from training.loop.steps import resolve_device
 from training.errors import TrainingError
-from training.loop.fit import fit_model, score_val_and_test, seed_everything
+from training.loop.fit import fit_model, seed_everything
 from training.run.writer import write_run
+from training.scoring.confidence import score_and_calibrate, write_confidence
 from training.progress import make_progress
 from training.retrain.dataset import RetrainData
 from training.run.files import rebuild_classifier
@@ -47,6 +48,8 @@ def train_challenger(champion: Bundle, data: RetrainData, cfg: TrainConfig, out:
         fit = fit_model(model, data.splits, cfg, policy, device, progress, console)
     metrics = {"history": fit.history, "best_epoch": fit.best_epoch, "monitor": cfg.monitor, "device": str(device),
                "warm_start_from": champion.version, "data": data.counts}
-    metrics.update(score_val_and_test(fit.model, data.splits, policy, device, cfg))
+    scores, calibration = score_and_calibrate(fit.model, data.splits, policy, device, cfg)
+    metrics.update(scores)
     write_run(out, fit, data.splits, cfg, {**info, "best_epoch": fit.best_epoch}, {"retrain_of": metrics["warm_start_from"]}, metrics)
+    write_confidence(out, calibration, metrics)
     return metrics

@@ -22,6 +22,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.json"
 SPLITS = "splits.json"
 SKIPPED = "skipped_images.json"
+CALIBRATION = "calibration.json"  # exporters.calibration.Calibration, fitted on val
 
 
 @dataclass

@@ -71,3 +71,43 @@ def plot_lr_find(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_reliability(before: list[dict], after: list[dict], path: Path, title: str) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, before and after
+    calibration (exporters.calibration.reliability_bins); on the diagonal is calibrated."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
+    for bins, name, color in ((before, "before", "C3"), (after, "after temperature scaling", "C0")):
+        if bins:
+            sizes = np.array([b["count"] for b in bins], dtype=float)
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=color, label=name)
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], s=20 + 200 * sizes / sizes.max(),
+                       color=color, alpha=0.3)
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("mean confidence in bin (marker area: images)")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_risk_coverage(curve: dict, at_coverage: dict, path: Path, title: str) -> None:
+    """Accuracy of the answered images against the share answered (the most confident first)."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), dpi=100)
+    ax.plot(curve["coverage"], curve["accuracy"], color="C0", lw=2)
+    for key, point in at_coverage.items():
+        ax.plot(float(key), point["accuracy"], "o", color="C1")
+        ax.annotate(f"{float(key):.0%}: {point['accuracy']:.1%} (conf >= {point['threshold']:.2f})",
+                    (float(key), point["accuracy"]), textcoords="offset points", xytext=(-175, 6), fontsize=8)
+    ax.set_xlabel("coverage (share of images answered, most confident first)")
+    ax.set_ylabel("accuracy of the answered images")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
