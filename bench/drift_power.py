@@ -68,7 +68,7 @@ def build_reference(run_dir: Path, bundle_dir: Path):
     inputs = read_export_inputs(run_dir)
     run = inputs.run
     _, metadata = export_bundle(run.model, run.classes, run.policy, inputs.description, inputs.val, inputs.train_images,
-                                bundle_dir, variants=(), log=lambda m: print(m, file=sys.stderr))
+                                bundle_dir, variants=(), calibration=inputs.calibration, log=lambda m: print(m, file=sys.stderr))
     # bundle.json is written by Registry.publish; this bench skips the registry and opens the files directly.
     classifier = OnnxClassifier(bundle_dir / metadata["variants"]["fp32"]["file"], prefer_gpu=False)
     ref = load_reference(bundle_dir / metadata["reference"]["file"])

@@ -55,7 +55,8 @@ def export_run(run_dir: Path, out_dir: Path):
     inputs = read_export_inputs(run_dir)
     run = inputs.run
     bundle_dir, metadata = export_bundle(run.model, run.classes, run.policy, inputs.description, inputs.val,
-                                         inputs.train_images, out_dir, log=lambda m: print(m, file=sys.stderr))
+                                         inputs.train_images, out_dir, calibration=inputs.calibration,
+                                         log=lambda m: print(m, file=sys.stderr))
     return run, bundle_dir, metadata
 
 

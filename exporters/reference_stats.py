@@ -1,6 +1,7 @@
 """The reference a drift report compares live traffic against, computed at export time. Pure numpy.
 
-Small figures (class prior, accuracy, ECE, temperature) go into bundle metadata; arrays (a sample
+Small figures (class prior, accuracy, ECE and the temperature left to fit on the probabilities as
+served: about 1 once the bundle is calibrated) go into bundle metadata; arrays (a sample
 of validation softmax outputs, the PCA basis and the projected embedding sample) go into
 `reference.npz` (exporters.model_store.bundle names it and reads it back), so the service loads them without torch.
 """
@@ -10,72 +11,20 @@ from pathlib import Path
 
 import numpy as np
 
+from exporters.calibration import (ECE_BINS, TEMPERATURE_RANGE, apply_temperature, expected_calibration_error,
+                                   fit_temperature)
+
 MAX_SAMPLE = 500
 MAX_PCA_COMPONENTS = 32
-ECE_BINS = 10
 # With fewer training embeddings than this, validation embeddings join the PCA fit: a basis fitted
 # on 20 points has at most 19 directions and follows their noise.
 MIN_PCA_FIT = 2 * MAX_PCA_COMPONENTS
-_EPS = 1e-12
-TEMPERATURE_RANGE = (0.05, 20.0)
 
 
 def class_prior(counts: list[int] | np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum()
     return counts / total if total > 0 else np.full(len(counts), 1.0 / max(1, len(counts)))
-
-
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Standard top-1 ECE: sum over equal-width confidence bins of |accuracy - confidence| x bin share."""
-    if len(labels) == 0:
-        return float("nan")
-    conf = probs.max(1)
-    correct = (probs.argmax(1) == labels).astype(np.float64)
-    # Bin i holds confidences in (i/n, (i+1)/n]; confidence 0 cannot occur for a top-1 probability.
-    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        mask = bins == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
-    return float(ece)
-
-
-def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log p / T): log p equals the logits up to a per-row constant, which softmax ignores."""
-    z = np.log(np.clip(probs, _EPS, 1.0)) / temperature
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    p = apply_temperature(probs, temperature)
-    return float(-np.mean(np.log(np.clip(p[np.arange(len(labels)), labels], _EPS, 1.0))))
-
-
-def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = TEMPERATURE_RANGE[0], hi: float = TEMPERATURE_RANGE[1],
-                    iters: int = 60) -> float:
-    """Temperature minimising validation NLL, by golden-section search on 1/T.
-
-    NLL is convex in the logit scale 1/T, so the search finds the optimum in [1/hi, 1/lo]."""
-    if len(labels) == 0:
-        return 1.0
-    a, b = 1.0 / hi, 1.0 / lo
-    g = (np.sqrt(5) - 1) / 2
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = _nll(probs, labels, 1 / c), _nll(probs, labels, 1 / d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = _nll(probs, labels, 1 / c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = _nll(probs, labels, 1 / d)
-    return float(2.0 / (a + b))
 
 
 def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -12,8 +12,8 @@ from exporters.export.bundle_writer import LabeledImages, dataset_fingerprint, e
 from exporters.errors import ExportError
 from exporters.export.onnx_graph import check_parity, torch_predict
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
-from exporters.reference_stats import (apply_temperature, expected_calibration_error, fit_pca, fit_temperature,
-                                       load_reference, reference_statistics)
+from exporters.calibration import apply_temperature, expected_calibration_error, fit_temperature
+from exporters.reference_stats import fit_pca, load_reference, reference_statistics
 from exporters.export.variants import build_and_judge, refusal_reason
 from tests.training_data import fast_config, make_digits
 from training.run.publish import read_export_inputs
@@ -30,14 +30,14 @@ def run(tmp_path_factory):
           show_progress=False)
     inputs = read_export_inputs(out)
     return {"run": inputs.run, "splits": read_json(out / "splits.json"), "val": inputs.val, "train": inputs.train_images,
-            "description": inputs.description, "tmp": tmp}
+            "description": inputs.description, "calibration": inputs.calibration, "tmp": tmp}
 
 
 @pytest.fixture(scope="module")
 def bundle(run):
     r = run["run"]
     bundle_dir, metadata = export_bundle(r.model, r.classes, r.policy, run["description"], run["val"], run["train"],
-                                         run["tmp"] / "bundle", parent_version="v-parent")
+                                         run["tmp"] / "bundle", parent_version="v-parent", calibration=run["calibration"])
     return bundle_dir, metadata
 
 
@@ -239,3 +239,16 @@ def test_bundle_round_trips_through_a_local_registry_with_the_same_predictions(b
     after, _ = model.predict(run["val"].images)
     np.testing.assert_array_equal(before, after)
     assert set(load_reference(Path(fetched) / "reference.npz")) >= {"probs_sample", "pca_components"}
+
+
+def test_the_bundle_carries_the_runs_calibration_and_its_reference_is_what_the_service_serves(bundle, run):
+    _, metadata = bundle
+    calibration = run["calibration"]
+    assert calibration is not None and abs(calibration.temperature - 1) > 0.05  # training fitted one on val
+    assert metadata["calibration"] == calibration.to_json()
+    assert metadata["variants"]["fp32"]["parity_vs_torch"]["calibrated_max_abs_diff"] <= 1e-4
+    # The drift reference is computed on calibrated probabilities, as served: nothing left to rescale.
+    assert metadata["reference"]["temperature"] == pytest.approx(1.0, abs=0.02)
+    summary = metadata["metrics"]
+    assert {"before", "after"} <= set(summary["calibration_test"]) and summary["prediction_sets"]["target"] == 0.9
+    assert set(summary["risk_coverage"]["at_coverage"]) == {"0.80", "0.90", "1.00"}

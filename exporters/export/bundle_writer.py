@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from exporters.calibration import Calibration
 from exporters.model_store.bundle import FORMAT_VERSION, MODEL_FILE, REFERENCE_FILE
 from exporters.errors import ExportError
 from exporters.export.onnx_graph import PARITY_TOLERANCE, check_parity, export_onnx, torch_predict
@@ -23,11 +24,11 @@ from exporters.preprocess import ResizePolicy
 from exporters.reference_stats import MAX_SAMPLE, reference_statistics, save_reference
 from exporters.export.variants import DEFAULT_MAX_ACCURACY_DROP, VARIANTS, accuracy, build_and_judge
 
-# MinMax calibration of efficientnet_lite0 on 100 images takes ~6 s on 2 cores; more images barely
+# int8 MinMax calibration of efficientnet_lite0 on 100 images takes ~6 s on 2 cores; more images barely
 # move the ranges.
-CALIBRATION_IMAGES = 100
+INT8_CALIBRATION_IMAGES = 100
 # Training images export_bundle uses at most (calibration, PCA fit): callers need decode no more.
-TRAIN_SAMPLE = max(CALIBRATION_IMAGES, MAX_SAMPLE)
+TRAIN_SAMPLE = max(INT8_CALIBRATION_IMAGES, MAX_SAMPLE)
 
 
 @dataclass
@@ -73,8 +74,13 @@ def dataset_fingerprint(paths: Sequence[Path | str]) -> dict:
 
 def metrics_summary(metrics: dict) -> dict:
     """val/test scores and the early-stopping facts; the per-epoch history stays in the run dir."""
-    keep = ("val", "test", "best_epoch", "monitor", "class_counts", "device")
-    return {k: metrics[k] for k in keep if k in metrics}
+    keep = ("val", "test", "best_epoch", "monitor", "class_counts", "device", "calibration", "prediction_sets")
+    summary = {k: metrics[k] for k in keep if k in metrics}
+    if "calibration_test" in metrics:  # the scores, not the reliability bins the run's PNG draws
+        summary["calibration_test"] = {k: metrics["calibration_test"][k] for k in ("before", "after")}
+    if "risk_coverage" in metrics:
+        summary["risk_coverage"] = {"at_coverage": metrics["risk_coverage"]["at_coverage"]}
+    return summary
 
 
 def spread_sample(n: int, k: int) -> np.ndarray:
@@ -95,12 +101,14 @@ def _check_batch_sizes(classifier: OnnxClassifier, images: np.ndarray, n_classes
 def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescription, val: LabeledImages,
                   train_images: np.ndarray, out_dir: Path, variants: Sequence[str] = VARIANTS,
                   max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP, parent_version: str | None = None,
-                  log: Callable[[str], None] = lambda _: None) -> tuple[Path, dict]:
+                  calibration: Calibration | None = None, log: Callable[[str], None] = lambda _: None) -> tuple[Path, dict]:
     """Export `model` (a torch Classifier) into `out_dir` and return (out_dir, metadata for Registry.publish).
 
     `val` are the run's validation images (parity, variant accuracy, reference statistics);
     `train_images` up to TRAIN_SAMPLE uint8 training images (int8 calibration, PCA fit when val is small).
 
+    `calibration` (fitted by training on held-out images) is what the service applies to the graph's
+    probabilities; the reference statistics are computed on the calibrated probabilities, as served.
     Fails with ExportError when the ONNX graph disagrees with torch on the validation images."""
     import onnx
     import onnxruntime
@@ -125,6 +133,10 @@ def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescr
     torch_probs, torch_emb = torch_predict(model, val.images)
     parity = check_parity(torch_probs, ort_probs, PARITY_TOLERANCE)
     parity["embedding_max_abs_diff"] = float(np.max(np.abs(torch_emb - ort_emb)))
+    if calibration is not None:
+        # The service serves calibration.apply(graph output): held to the same bar against torch's.
+        calibrated = check_parity(calibration.apply(torch_probs), calibration.apply(ort_probs), PARITY_TOLERANCE)
+        parity["calibrated_max_abs_diff"] = calibrated["max_abs_diff"]
     log(f"parity on {parity['n_images']} val images: max |dp| {parity['max_abs_diff']:.2e}, top-1 agreement {100 * parity['top1_agreement']:.0f}%")
 
     fp32_acc = accuracy(ort_probs, val.labels)
@@ -133,9 +145,9 @@ def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescr
         "parity_vs_torch": parity, "size_bytes": (out_dir / MODEL_FILE).stat().st_size,
         "measured_with": "onnxruntime CPUExecutionProvider",
     }}
-    calibration = train_images[spread_sample(len(train_images), CALIBRATION_IMAGES)]
+    int8_calibration = train_images[spread_sample(len(train_images), INT8_CALIBRATION_IMAGES)]
     for name in variants:
-        entry = build_and_judge(name, out_dir / MODEL_FILE, out_dir, calibration, val.images, val.labels, ort_probs, max_accuracy_drop)
+        entry = build_and_judge(name, out_dir / MODEL_FILE, out_dir, int8_calibration, val.images, val.labels, ort_probs, max_accuracy_drop)
         variant_entries[name] = entry
         verdict = f"REFUSED: {entry['refusal_reason']}" if entry["refused"] else "kept"
         log(f"{name}: val accuracy {100 * entry['accuracy']:.2f}% ({entry['accuracy_delta_points']:+.2f} points vs fp32), {verdict}")
@@ -144,7 +156,8 @@ def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescr
     # fitted on its own points, a 32-dim basis in 1280 dims inflates their spread and MMD then
     # flags every clean window (measured on hymenoptera: 85-100% false alarms; 0-2% held out).
     extra = fp32.predict(train_images[spread_sample(len(train_images), MAX_SAMPLE)])[1] if len(train_images) else None
-    reference, arrays = reference_statistics(ort_probs, ort_emb, val.labels, run.train_class_counts, extra_embeddings=extra)
+    served_probs = ort_probs if calibration is None else calibration.apply(ort_probs)
+    reference, arrays = reference_statistics(served_probs, ort_emb, val.labels, run.train_class_counts, extra_embeddings=extra)
     reference["file"] = REFERENCE_FILE
     save_reference(out_dir / REFERENCE_FILE, arrays)
 
@@ -167,6 +180,7 @@ def export_bundle(model, classes: list[str], policy: ResizePolicy, run: RunDescr
         "variants": variant_entries,
         "refused_variants": [n for n, v in variant_entries.items() if v["refused"]],
         "reference": reference,
+        "calibration": None if calibration is None else calibration.to_json(),
         "export_seconds": round(time.perf_counter() - start, 1),
     }
     return out_dir, metadata

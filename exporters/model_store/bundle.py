@@ -105,6 +105,7 @@ class Bundle:
     variants: dict[str, Variant]
     reference: dict  # the small figures; the arrays are read_reference_stats(bundle)
     metrics: dict  # val/test summaries of the training run
+    calibration: dict | None  # exporters.calibration.Calibration as JSON; None: exported before calibration
     training_config: dict
     source_run: str | None
     dataset_fingerprint: dict | None
@@ -160,7 +161,7 @@ def read_bundle(bundle_dir: Path | str) -> Bundle:
         input=dict(meta.get("input") or {}), outputs=dict(meta.get("outputs") or {}), backbone=meta.get("backbone"),
         variants={name: _variant(name, entry) for name, entry in meta["variants"].items()},
         reference=dict(meta.get("reference") or {}), metrics=dict(meta.get("metrics") or {}),
-        training_config=dict(training.get("config") or {}), source_run=training.get("source_run"),
+        calibration=meta.get("calibration"), training_config=dict(training.get("config") or {}), source_run=training.get("source_run"),
         dataset_fingerprint=meta.get("dataset_fingerprint"), retrain=_retrain_files(path, meta),
     )
 

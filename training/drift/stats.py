@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import stats
 
-from exporters.reference_stats import apply_temperature, psi
+from exporters.calibration import apply_temperature
+from exporters.reference_stats import psi
 
 _EPS = 1e-12
 # p-values below this are numerically meaningless (float64 tails), so severity saturates there.

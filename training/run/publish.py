@@ -17,11 +17,12 @@ import numpy as np
 import yaml
 
 from exporters.model_store.bundle import ORIGINAL_SPLITS_FILE, WEIGHTS_FILE, WEIGHTS_INFO_FILE, retrain_metadata
+from exporters.calibration import Calibration
 from exporters.export.bundle_writer import TRAIN_SAMPLE, LabeledImages, RunDescription, dataset_fingerprint, export_bundle, spread_sample
 from exporters.errors import ExportError
 from exporters.preprocess import ImageDecodeError, ResizePolicy, load_model_input
 from exporters.model_store.registry import Registry
-from training.run.files import CONFIG, METRICS, MODEL_INFO, SPLITS, WEIGHTS, LoadedRun, load_run, read_json, read_split
+from training.run.files import CALIBRATION, CONFIG, METRICS, MODEL_INFO, SPLITS, WEIGHTS, LoadedRun, load_run, read_json, read_split
 
 
 @dataclass
@@ -32,6 +33,7 @@ class ExportInputs:
     val: LabeledImages
     train_images: np.ndarray
     description: RunDescription
+    calibration: Calibration | None  # None: a run trained before cnnloop calibrated; its bundle is served raw
 
 
 def split_images(paths: list[str], labels: np.ndarray, policy: ResizePolicy, name: str,
@@ -67,7 +69,8 @@ def read_export_inputs(run_dir: Path) -> ExportInputs:
         train_class_counts=np.bincount(train_labels, minlength=len(run.classes)).tolist(),
         source_run=str(run_dir.resolve()),
     )
-    return ExportInputs(run, val, train.images, description)
+    calibration = Calibration.from_json(read_json(run_dir / CALIBRATION)) if (run_dir / CALIBRATION).is_file() else None
+    return ExportInputs(run, val, train.images, description, calibration)
 
 
 def publish_run(run_dir: Path, registry: Registry, variants: Sequence[str], max_accuracy_drop: float,
@@ -80,7 +83,7 @@ def publish_run(run_dir: Path, registry: Registry, variants: Sequence[str], max_
     with tempfile.TemporaryDirectory(prefix="cnnloop-bundle-") as tmp:
         bundle_dir, metadata = export_bundle(run.model, run.classes, run.policy, inputs.description, inputs.val,
                                              inputs.train_images, Path(tmp) / "bundle", variants, max_accuracy_drop,
-                                             parent_version, log=log)
+                                             parent_version, calibration=inputs.calibration, log=log)
         shutil.copyfile(run_dir / WEIGHTS, bundle_dir / WEIGHTS_FILE)
         shutil.copyfile(run_dir / MODEL_INFO, bundle_dir / WEIGHTS_INFO_FILE)
         shutil.copyfile(original_splits or run_dir / SPLITS, bundle_dir / ORIGINAL_SPLITS_FILE)
