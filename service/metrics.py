@@ -24,7 +24,10 @@ class ServiceMetrics:
         self.registry = r
         self.predictions = Counter("cnnloop_predictions", "Images classified, by predicted class and model version",
                                    ["label", "model_version"], registry=r)
-        self.confidence = Histogram("cnnloop_prediction_confidence", "Top-1 probability of each prediction",
+        self.abstentions = Counter("cnnloop_abstentions", "Answers that abstained (calibrated confidence under the "
+                                   "threshold or prediction set over the size limit), by model version",
+                                   ["model_version"], registry=r)
+        self.confidence = Histogram("cnnloop_prediction_confidence", "Top-1 probability of each prediction (calibrated when the bundle is)",
                                     buckets=_CONFIDENCE_BUCKETS, registry=r)
         self.preprocess_seconds = Histogram("cnnloop_preprocess_seconds", "Decode + resize + crop time per image",
                                             buckets=_LATENCY_BUCKETS, registry=r)
@@ -67,10 +70,13 @@ class ServiceMetrics:
         self.batch_size.observe(size)
         self.inference_seconds.observe(seconds)
 
-    def record_predictions(self, labels: list[str], confidences: list[float], model_version: str) -> None:
+    def record_predictions(self, labels: list[str], confidences: list[float], model_version: str,
+                           abstained: int = 0) -> None:
         for label, conf in zip(labels, confidences):
             self.predictions.labels(label=label, model_version=model_version).inc()
             self.confidence.observe(conf)
+        if abstained:
+            self.abstentions.labels(model_version=model_version).inc(abstained)
 
     def record_drift(self, scores: DriftScores) -> None:
         self.drift_class_psi.set(scores.class_psi)
@@ -91,3 +97,4 @@ class ServiceMetrics:
         if previous is not None:
             self.model_info.labels(*previous).set(0)
         self.model_info.labels(model_version=version, variant=variant, providers=",".join(providers)).set(1)
+        self.abstentions.labels(model_version=version)  # a served version shows 0 abstentions, not no series

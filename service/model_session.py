@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from exporters.calibration import Calibration
 from exporters.model_store.bundle import Bundle, read_reference_stats
 from exporters.onnx_runtime import OnnxClassifier, load_bundle_model
 from exporters.preprocess import ResizePolicy
@@ -53,6 +54,7 @@ class LoadedModel:
     policy: ResizePolicy
     variant: str
     reference: Reference
+    calibration: Calibration | None = None  # None: a bundle exported before calibration, served raw
     fetch_dir: Path | None = None  # the cache folder this model was fetched into; removed when it is replaced
     loaded_at: float = field(default_factory=time.time)
 
@@ -74,7 +76,15 @@ class LoadedModel:
             "loaded_at": self.loaded_at,
             "backbone": self.bundle.backbone,
             "created_at": self.bundle.created_at,
+            "calibration": describe_calibration(self.calibration),
         }
+
+
+def describe_calibration(calibration: Calibration | None) -> dict:
+    if calibration is None:
+        return {"calibrated": False, "why": "this bundle carries no calibration (exported before cnnloop calibrated): "
+                "probabilities are the model's raw softmax and answers carry no prediction set; re-export it to calibrate"}
+    return {"calibrated": True, **calibration.to_json()}
 
 
 @dataclass(frozen=True)
@@ -119,7 +129,7 @@ def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_t
     reference = read_reference(bundle)
     chosen = variant or next((k for k, v in bundle.variants.items() if v.file == classifier.path.name), "fp32")
     return LoadedModel(version=version, classifier=classifier, bundle=bundle, labels=labels, policy=policy,
-                       variant=chosen, reference=reference)
+                       variant=chosen, reference=reference, calibration=Calibration.from_json(bundle.calibration))
 
 
 class ModelSession:

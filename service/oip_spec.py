@@ -183,7 +183,9 @@ def schemas() -> dict:
         "OipInferResponse": {"type": "object", "required": ["model_name", "model_version", "outputs"], "properties": {
             "model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
             "parameters": {"type": "object", "properties": {"logged": {
-                "type": "boolean", "description": "false: the log did not take these predictions; no feedback on them"}}},
+                "type": "boolean", "description": "false: the log did not take these predictions; no feedback on them"},
+                "calibrated": {"type": "boolean", "description": "false: the bundle has no calibration; probabilities "
+                               "are raw and prediction_set holds every class"}}},
             "outputs": {"type": "array", "items": {"type": "object", "required": ["name", "datatype", "shape"],
                                                    "properties": {
                 "name": {"type": "string"}, "datatype": {"type": "string"}, "shape": _SHAPE,

@@ -29,7 +29,8 @@ _ERROR_SCHEMA = {
 
 _PREDICTION = {
     "type": "object",
-    "required": ["prediction_id", "filename", "label", "confidence", "model_version", "top_k"],
+    "required": ["prediction_id", "filename", "label", "confidence", "model_version", "top_k", "prediction_set",
+                 "abstained"],
     "properties": {
         "prediction_id": {"type": "string", "description": "give it to POST /feedback with the true label"},
         "filename": {"type": "string"},
@@ -39,6 +40,12 @@ _PREDICTION = {
         "top_k": {"type": "array", "items": {
             "type": "object", "required": ["label", "probability"],
             "properties": {"label": {"type": "string"}, "probability": {"type": "number", "minimum": 0, "maximum": 1}}}},
+        "prediction_set": {"type": ["array", "null"], "items": {"type": "string"}, "description":
+                           "the classes that together hold the true one with the bundle's coverage (default 90%), "
+                           "most probable first; may be empty when the top class alone is more than enough; "
+                           "null when the bundle has no calibration"},
+        "abstained": {"type": "boolean", "description": "true: hand this image to a person (calibrated confidence under "
+                      "the threshold, or a prediction set over the size limit); top_k and the set are still given"},
         "logged": {"type": "boolean", "const": False,
                    "description": "present (false) when the log did not take this prediction: it cannot get feedback"},
     },

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from exporters.calibration import Calibration, uniform_from_digest
 from exporters.prediction_log.records import PredictionRecord, encode_embedding
 from exporters.preprocess import (MAX_PIXELS, ImageDecodeError, ResizePolicy, TooManyPixels, load_array_input,
                                   load_model_input)
@@ -70,9 +71,42 @@ class Classification:
     model_version: str
     labels: list[str]
     records: list[PredictionRecord]
-    probabilities: np.ndarray
+    probabilities: np.ndarray  # calibrated when the bundle carries a calibration
     top: np.ndarray
     logged: bool  # False: the log did not take these records (queue full, failed write, logging off)
+    sets: np.ndarray | None = None  # images x classes, bool: the conformal prediction sets (None: uncalibrated bundle)
+    abstained: np.ndarray | None = None  # per image, bool
+
+
+@dataclass(frozen=True, eq=False)
+class CalibratedBatch:
+    probabilities: np.ndarray
+    sets: np.ndarray | None
+    abstained: np.ndarray
+
+
+def _limit(setting, bundle_value):
+    """The service setting wins when given; 0 turns that part of the rule off."""
+    value = bundle_value if setting is None else setting
+    return value or None
+
+
+def calibrate_batch(raw: np.ndarray, calibration: Calibration | None, image_sha256: list[str],
+                    abstain_below_confidence: float | None = None, abstain_above_set_size: int | None = None) -> CalibratedBatch:
+    """The graph's probabilities as served: calibrated, with their prediction sets and abstentions.
+
+    Each image's set is drawn with its own digest (exporters.calibration), so the same image always
+    gets the same set. An uncalibrated bundle is served raw, without sets; a confidence threshold
+    from the settings still applies to it."""
+    if calibration is None:
+        below = _limit(abstain_below_confidence, None)
+        abstained = raw.max(1) < below if below is not None else np.zeros(len(raw), dtype=bool)
+        return CalibratedBatch(raw, None, abstained)
+    probs = calibration.apply(raw)
+    sets = calibration.sets(probs, np.array([uniform_from_digest(sha) for sha in image_sha256]))
+    rule = Calibration(abstain_below_confidence=_limit(abstain_below_confidence, calibration.abstain_below_confidence),
+                       abstain_above_set_size=_limit(abstain_above_set_size, calibration.abstain_above_set_size))
+    return CalibratedBatch(probs, sets, rule.abstain(probs, sets))
 
 
 def top_k(probabilities: np.ndarray, k: int) -> np.ndarray:
@@ -106,12 +140,19 @@ def build_prediction_record(*, prediction_id: str, created_at: float, model_vers
         embedding_space=embedding_space)
 
 
-def prediction_answer(record: PredictionRecord, labels: list[str], probabilities: np.ndarray, top: np.ndarray) -> dict:
-    """What the client is told about one image; the probabilities unrounded, as the model gave them."""
+def prediction_answer(record: PredictionRecord, labels: list[str], probabilities: np.ndarray, top: np.ndarray,
+                      in_set: np.ndarray | None = None, abstained: bool = False) -> dict:
+    """What the client is told about one image; the probabilities unrounded, as served. The set lists
+    its classes most probable first; null when the bundle has no calibration."""
+    prediction_set = None
+    if in_set is not None:
+        members = np.flatnonzero(in_set)
+        prediction_set = [labels[j] for j in members[np.argsort(-probabilities[members], kind="stable")]]
     return {
         "prediction_id": record.prediction_id, "filename": record.filename, "label": record.label,
         "confidence": record.confidence, "model_version": record.model_version,
         "top_k": [{"label": labels[j], "probability": float(probabilities[j])} for j in top],
+        "prediction_set": prediction_set, "abstained": bool(abstained),
     }
 
 

@@ -27,7 +27,7 @@ from service.live_drift import LiveDrift
 from service.log_writer import LogWriter
 from service.metrics import ServiceMetrics
 from service.model_session import CheckOutcome, LoadedModel, ModelSession
-from service.predictions import (Classification, build_prediction_record, embeddings_to_log, model_input,
+from service.predictions import (Classification, build_prediction_record, calibrate_batch, embeddings_to_log, model_input,
                                  pixels_sha256, png_bytes, predict_answer, prediction_answer, top_k)
 from service.request_validation import FeedbackIn, PixelImage, Upload
 from service.settings import ServiceSettings
@@ -149,7 +149,8 @@ class ServingRuntime:
 
     async def predict(self, uploads: list[Upload]) -> dict:
         c = await self.classify(uploads)
-        answers = [prediction_answer(r, c.labels, c.probabilities[i], c.top[i]) for i, r in enumerate(c.records)]
+        answers = [prediction_answer(r, c.labels, c.probabilities[i], c.top[i], None if c.sets is None else c.sets[i],
+                                     c.abstained[i]) for i, r in enumerate(c.records)]
         return predict_answer(c.model_version, answers, c.logged)
 
     async def classify(self, images: list[Upload | PixelImage], model: LoadedModel | None = None) -> Classification:
@@ -161,7 +162,10 @@ class ServingRuntime:
             prepared = await asyncio.gather(*(
                 loop.run_in_executor(self._decode_pool, self._prepare, i, image, model.policy, s)
                 for i, (image, s) in enumerate(zip(images, store))))
-        probs, embs = await self.batcher.run(model, np.stack([array for array, _, _ in prepared]))
+        raw, embs = await self.batcher.run(model, np.stack([array for array, _, _ in prepared]))
+        served = calibrate_batch(raw, model.calibration, [sha for _, sha, _ in prepared],
+                                 self.settings.abstain_below_confidence, self.settings.abstain_above_set_size)
+        probs = served.probabilities
         now = time.time()
         top = top_k(probs, min(self.settings.top_k, len(model.labels)))
         kept, space = embeddings_to_log(embs, model.reference.project, self.settings.store_embeddings)
@@ -179,10 +183,11 @@ class ServingRuntime:
             logged = await loop.run_in_executor(self._io_pool, self.writer.submit, records, to_store)
         else:
             logged = self.writer.submit(records, to_store)
-        self.metrics.record_predictions([r.label for r in records], [r.confidence for r in records], model.version)
+        self.metrics.record_predictions([r.label for r in records], [r.confidence for r in records], model.version,
+                                        int(served.abstained.sum()))
         if self._drift is not None and self.models.current is model:
             self.metrics.record_drift(self._drift.observe(top[:, 0], probs[np.arange(len(top)), top[:, 0]]))
-        return Classification(model.version, model.labels, records, probs, top, logged)
+        return Classification(model.version, model.labels, records, probs, top, logged, served.sets, served.abstained)
 
     # feedback --------------------------------------------------------------------------------
 

@@ -39,6 +39,13 @@ class ServiceSettings(LogLocations):
     batch_max_latency_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest an image waits for its batch to fill")
     decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads; 0 = one per available core (affinity and cgroup quota)")
     top_k: int = Field(3, ge=1, le=100)
+    # Abstention: an answer says `abstained: true` (still with its top answers and set) when its
+    # calibrated confidence is below this, or its prediction set is larger than that. Unset: the
+    # bundle's own rule (`cnnloop train --target-accuracy` / `--max-set-size`); 0 turns a part off.
+    abstain_below_confidence: float | None = Field(None, ge=0.0, le=1.0, description="abstain when the calibrated top-1 "
+                                                   "probability is below this; default: the bundle's threshold (0 = never)")
+    abstain_above_set_size: int | None = Field(None, ge=0, le=10_000, description="abstain when the prediction set has more "
+                                               "classes than this; default: the bundle's limit (0 = never)")
 
     # request limits
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="larger request bodies get 413")

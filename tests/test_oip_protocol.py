@@ -104,13 +104,14 @@ def test_binary_data_output_is_the_default_for_outputs_that_do_not_say():
 
 # responses -----------------------------------------------------------------------------------
 
-def _classification(n: int = 2, logged: bool = True) -> Classification:
+def _classification(n: int = 2, logged: bool = True, calibrated: bool = True) -> Classification:
     probs = np.random.default_rng(1).dirichlet(np.ones(len(LABELS)), n).astype(np.float32)
     top = top_k(probs, 2)
     records = [build_prediction_record(prediction_id=f"id{i}", created_at=0.0, model_version="v7", labels=LABELS,
                                        probabilities=probs[i], top=top[i], image_sha256="0" * 64, image_stored=False,
                                        filename=f"images[{i}]") for i in range(n)]
-    return Classification("v7", LABELS, records, probs, top, logged)
+    sets = probs > 0.2 if calibrated else None
+    return Classification("v7", LABELS, records, probs, top, logged, sets, np.arange(n) % 2 == 1)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
@@ -124,9 +125,17 @@ def test_an_answer_decodes_with_tritonclient_to_the_classification(binary):
     labels = [v.decode() if isinstance(v, bytes) else v for v in decoded.as_numpy("label")]
     ids = [v.decode() if isinstance(v, bytes) else v for v in decoded.as_numpy("prediction_id")]
     assert labels == [r.label for r in result.records] and ids == ["id0", "id1"]
+    np.testing.assert_array_equal(decoded.as_numpy("prediction_set"), result.sets)
+    assert decoded.as_numpy("abstained").tolist() == [False, True]
     response = decoded.get_response()
     assert (response["model_name"], response["model_version"], response["id"]) == ("cnnloop", "v7", "req-1")
-    assert response["parameters"] == {"logged": True}
+    assert response["parameters"] == {"logged": True, "calibrated": True}
+
+
+def test_an_uncalibrated_answer_sends_the_trivial_set_and_says_so():
+    request = oip.InferRequest([], (oip.RequestedOutput("prediction_set", False),))
+    answer = json.loads(oip.encode_infer_response(request, _classification(2, calibrated=False))[0])
+    assert answer["outputs"][0]["data"] == [True] * (2 * len(LABELS)) and answer["parameters"]["calibrated"] is False
 
 
 def test_an_answer_holds_only_the_outputs_asked_for_and_says_when_the_log_did_not_take_it():
@@ -134,7 +143,7 @@ def test_an_answer_holds_only_the_outputs_asked_for_and_says_when_the_log_did_no
     body, length = oip.encode_infer_response(request, _classification(1, logged=False))
     answer = json.loads(body)
     assert length is None and [o["name"] for o in answer["outputs"]] == ["label"] and "id" not in answer
-    assert answer["parameters"] == {"logged": False}
+    assert answer["parameters"] == {"logged": False, "calibrated": True}
 
 
 def test_model_metadata_lists_both_inputs_and_the_outputs_with_the_class_count():

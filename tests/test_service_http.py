@@ -68,15 +68,19 @@ def _metric_samples(client) -> dict[str, float]:
 
 
 def _in_process_probabilities(model, paths: list[Path], tmp: Path):
-    """What the published bundle itself says about `paths`, without the service."""
+    """What the published bundle itself says about `paths`, without the service: its graph's
+    probabilities under its own calibration (what the service must serve)."""
     import numpy as np
 
+    from exporters.calibration import Calibration
     from exporters.onnx_runtime import load_bundle_model
     from exporters.preprocess import load_model_input
     from exporters.model_store.registry import Registry
 
     classifier, bundle = load_bundle_model(Registry.open(str(model.registry)).fetch(model.version, tmp), prefer_gpu=False)
-    return classifier.run(np.stack([load_model_input(p, bundle.policy) for p in paths]))[0]
+    calibration = Calibration.from_json(bundle.calibration)
+    assert calibration is not None and calibration.temperature != 1.0  # the default recipe calibrates
+    return calibration.apply(classifier.run(np.stack([load_model_input(p, bundle.policy) for p in paths]))[0])
 
 
 def test_predictions_are_the_models_own_and_known_images_get_their_labels(client, published_model, tmp_path):

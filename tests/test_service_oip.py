@@ -102,6 +102,9 @@ def _assert_same_as_predict(result, predictions: list[dict], labels: list[str]) 
     assert _strings(result.as_numpy("label")) == [p["label"] for p in predictions]
     expected = np.array([[{t["label"]: t["probability"] for t in p["top_k"]}[c] for c in labels] for p in predictions])
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-5)
+    sets = result.as_numpy("prediction_set")  # BOOL [N, K], decoded by tritonclient itself
+    assert [sorted(labels[j] for j in np.flatnonzero(row)) for row in sets] == [sorted(p["prediction_set"]) for p in predictions]
+    assert result.as_numpy("abstained").tolist() == [p["abstained"] for p in predictions]
 
 
 # health and metadata -------------------------------------------------------------------------
@@ -117,7 +120,8 @@ def test_the_model_is_ready_and_its_metadata_names_the_version_served(triton, pu
     meta = triton.get_model_metadata("cnnloop")
     assert meta["versions"] == [published_model.version] and meta["platform"] == "onnxruntime"
     assert {t["name"]: t["datatype"] for t in meta["inputs"]} == {"images": "BYTES", "pixels": "UINT8"}
-    assert {t["name"]: t["shape"] for t in meta["outputs"]} == {"probabilities": [-1, 3], "label": [-1], "prediction_id": [-1]}
+    assert {t["name"]: t["shape"] for t in meta["outputs"]} == {"probabilities": [-1, 3], "label": [-1], "prediction_id": [-1],
+                                                               "prediction_set": [-1, 3], "abstained": [-1]}
     assert meta["parameters"]["labels"] == published_model.classes
     assert triton.get_model_metadata("cnnloop", published_model.version) == meta
 
@@ -139,7 +143,7 @@ def test_infer_on_jpeg_files_answers_as_predict_does(triton, client, published_m
     result = triton.infer("cnnloop", [_files_input(files)], headers=_auth())
     _assert_same_as_predict(result, _predict(client, files), published_model.classes)
     response = result.get_response()
-    assert response["model_version"] == published_model.version and response["parameters"] == {"logged": True}
+    assert response["model_version"] == published_model.version and response["parameters"] == {"logged": True, "calibrated": True}
     assert len(set(_strings(result.as_numpy("prediction_id")))) == len(files)
 
 
