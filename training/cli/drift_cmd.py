@@ -45,12 +45,13 @@ def register(app: typer.Typer) -> None:
             reg = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
             log = open_log(settings)
             try:
-                report, reference, window, _ = drift_check(settings, reg, log, since=start, last=last)
+                check = drift_check(settings, reg, log, since=start, last=last)
             finally:
                 log.close()
+        report = check.report
         print_report(report, console)
         if png:
-            plot_report(report, reference, window, png)
+            plot_report(report, check.reference, check.window, png)
             console.print(f"wrote {png}")
         if json_out:
             emit_json(report, json_out)

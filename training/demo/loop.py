@@ -116,11 +116,12 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
 
         log = open_prediction_log(settings.data_dir)
         try:
-            report, reference, live, _ = drift_check(settings, registry, log)
+            check = drift_check(settings, registry, log)
         finally:
             log.close()
+        report = check.report
         print_report(report, console)
-        plot_report(report, reference, live, session / "drift.png")
+        plot_report(report, check.reference, check.window, session / "drift.png")
 
         console.rule("7. retrain: warm start, early stopping, champion vs challenger")
         t = time.perf_counter()

@@ -19,12 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from exporters.prediction_log.records import PredictionLog
 from training.data.sources import LabeledFiles
 from training.errors import TrainingError
 from training.data.splits import Splits
 from training.data.decode import DecodedImages, decode_files
 
 MAX_FEEDBACK_REPEAT = 20
+
+
+@dataclass(frozen=True)
+class FeedbackShares:
+    """How a retrain uses its labeled examples (the retrain settings feedback_holdout, feedback_val, feedback_weight)."""
+
+    holdout: float  # share held out to judge champion and challenger
+    val: float  # share of the rest that early stopping watches
+    weight: float  # share of each epoch's training images they make up, by repetition
 
 
 @dataclass
@@ -74,7 +84,7 @@ def read_original_splits(path: Path, classes: list[str], rebase_to: Path | None)
     return out
 
 
-def latest_labels(log, classes: list[str]) -> dict[str, tuple[float, str]]:
+def latest_labels(log: PredictionLog, classes: list[str]) -> dict[str, tuple[float, str]]:
     """sha256 -> (when, label): the newest label per image, whether feedback or a labeled upload gave it.
     Labels outside `classes` cannot occur: the service accepts only the serving model's labels, and a
     retrain keeps the label set."""
@@ -85,10 +95,11 @@ def latest_labels(log, classes: list[str]) -> dict[str, tuple[float, str]]:
     return latest
 
 
-def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: dict[str, tuple[float, str]], classes: list[str],
-                       size: int, cache_dir: Path, holdout: float, val: float, feedback_weight: float,
-                       progress=None) -> RetrainData:
-    """`latest` is `latest_labels(log, classes)`: the pass reads the labels once (on S3 one read per labeled example)."""
+def build_retrain_data(original: dict[str, LabeledFiles | None], log: PredictionLog, classes: list[str], size: int,
+                       cache_dir: Path, shares: FeedbackShares, progress=None) -> RetrainData:
+    """The original splits, decoded at `size`, and the log's newest label per image, each image fetched once
+    into `cache_dir` and given its role by its hash."""
+    latest = latest_labels(log, classes)
     index = {c: i for i, c in enumerate(classes)}
     roles: dict[str, tuple[list[Path], list[int]]] = {"train": ([], []), "val": ([], []), "holdout": ([], [])}
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +110,7 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: di
             tmp = path.with_suffix(".part")
             tmp.write_bytes(log.image_bytes(sha))
             tmp.replace(path)
-        paths, labels = roles[labeled_example_role(sha, holdout, val)]
+        paths, labels = roles[labeled_example_role(sha, shares.holdout, shares.val)]
         paths.append(path)
         labels.append(index[label])
     decoded, skipped = {}, []
@@ -115,7 +126,7 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log, latest: di
     n_orig, n_fb = len(decoded["train"]), len(fb["train"])
     # Repeat labeled examples until they are `feedback_weight` of an epoch; the original data is replayed in full
     # so the model does not forget what it knew.
-    repeat = 0 if n_fb == 0 else max(1, min(MAX_FEEDBACK_REPEAT, math.ceil(feedback_weight / (1 - feedback_weight) * n_orig / n_fb)))
+    repeat = 0 if n_fb == 0 else max(1, min(MAX_FEEDBACK_REPEAT, math.ceil(shares.weight / (1 - shares.weight) * n_orig / n_fb)))
     train = concat([decoded["train"]] + [fb["train"]] * repeat, classes, size)
     val_set = concat([decoded["val"], fb["val"]], classes, size)
     counts = {"original": {k: (len(v) if v is not None else 0) for k, v in decoded.items()},

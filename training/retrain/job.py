@@ -8,21 +8,23 @@ Every pass, whatever its outcome, appends one record to the audit log.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from rich.console import Console
 
 from exporters.model_store.bundle import read_bundle
 from exporters.errors import AliasMoved
+from exporters.prediction_log.records import PredictionLog
 from exporters.prediction_log.sql import open_prediction_log
 from exporters.model_store.registry import Registry
-from exporters.storage import open_store
+from exporters.storage import Store, open_store
 from exporters.export.variants import parse_variants
 from training.devices import resolve_device
-from training.drift.report import build_report, load_reference_set, window_from_records
+from training.drift.report import LiveWindow, ReferenceSet, build_report, load_reference_set, window_from_records
 from training.errors import TrainingError
 from training.retrain import audit
 from training.retrain.challenger import train_challenger, warm_start_config
-from training.retrain.dataset import build_retrain_data, latest_labels, read_original_splits
+from training.retrain.dataset import FeedbackShares, build_retrain_data, latest_labels, read_original_splits
 from training.retrain.gate import holdout_from, promotion_verdict, score_bundle
 from training.retrain.lock import StoreLock
 from training.retrain.policy import PolicyThresholds, decide, state_from_history
@@ -30,7 +32,7 @@ from training.retrain.settings import LoopSettings
 from training.run.publish import publish_run
 
 
-def open_log(settings: LoopSettings):
+def open_log(settings: LoopSettings) -> PredictionLog:
     """The service's prediction log; a local data dir that does not exist is a mistake, not an empty log."""
     if not settings.data_is_s3 and not Path(settings.data_dir).is_dir():
         raise TrainingError(f"data dir {settings.data_dir} does not exist; point --data-dir (CNNLOOP_DATA_DIR) at the "
@@ -38,9 +40,32 @@ def open_log(settings: LoopSettings):
     return open_prediction_log(settings.data_dir, settings.s3_endpoint_url, settings.log_url)
 
 
-def drift_check(settings: LoopSettings, registry: Registry, log, since: float | None = None,
-                last: int | None = None) -> tuple[dict, object, object, Path]:
-    """(report, reference, window, champion bundle dir) for the production model's newest predictions."""
+@dataclass(frozen=True)
+class DriftCheck:
+    """One look at the production model's newest predictions: the report and what it compared."""
+
+    report: dict
+    reference: ReferenceSet  # from the production bundle; its version is the champion's
+    window: LiveWindow
+    champion_dir: Path  # the production bundle, fetched
+
+
+@dataclass(frozen=True)
+class RetrainPass:
+    """What every step of one pass works with: opened once, under the lock, by `retrain_once`."""
+
+    settings: LoopSettings
+    store: Store  # the data dir: the lock and the audit log
+    registry: Registry
+    log: PredictionLog
+    console: Console
+    show_progress: bool
+    started: float  # time.perf_counter() at the start: the audit record's "seconds"
+
+
+def drift_check(settings: LoopSettings, registry: Registry, log: PredictionLog, since: float | None = None,
+                last: int | None = None) -> DriftCheck:
+    """The drift report on the production model's newest predictions."""
     champion = registry.resolve("production")
     if champion is None:
         raise TrainingError(f"the registry {registry.describe()} has no production version; "
@@ -52,7 +77,7 @@ def drift_check(settings: LoopSettings, registry: Registry, log, since: float | 
     report = build_report(reference, window, alpha=settings.alpha, min_samples=settings.min_samples,
                           min_feedback=settings.min_feedback, accuracy_margin=settings.accuracy_margin,
                           permutations=settings.permutations)
-    return report, reference, window, bundle_dir
+    return DriftCheck(report, reference, window, bundle_dir)
 
 
 def report_summary(report: dict) -> dict:
@@ -65,24 +90,25 @@ def report_summary(report: dict) -> dict:
 
 def retrain_once(settings: LoopSettings, console: Console, force: bool = False, show_progress: bool = True) -> dict:
     """One pass under the lock; returns the record it appended to the audit log."""
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     resolve_device(settings.device)  # a device this machine lacks fails now, not after the drift check and data
     store = open_store(settings.data_dir, endpoint_url=settings.s3_endpoint_url)
     registry = Registry.open(settings.registry, endpoint_url=settings.s3_endpoint_url)
     with StoreLock(store, settings.lock_ttl_s):
         log = open_log(settings)
         try:
-            return _pass(settings, console, force, show_progress, store, registry, log, t0)
+            return _pass(RetrainPass(settings, store, registry, log, console, show_progress, started), force)
         finally:
             log.close()
 
 
-def _pass(settings, console, force, show_progress, store, registry, log, t0) -> dict:
-    report, reference, _, champion_dir = drift_check(settings, registry, log)
-    champion = reference.version
-    history = audit.read_decisions(store)
+def _pass(run: RetrainPass, force: bool) -> dict:
+    settings, console = run.settings, run.console
+    check = drift_check(settings, run.registry, run.log)
+    report, champion = check.report, check.reference.version
+    history = audit.read_decisions(run.store)
     state = state_from_history(history, champion)
-    labels = latest_labels(log, reference.labels)
+    labels = latest_labels(run.log, check.reference.labels)
     new_labels = sum(1 for at, _ in labels.values() if state.last_retrain_at is None or at > state.last_retrain_at)
     thresholds = PolicyThresholds(settings.min_new_labels, settings.cooldown_s, settings.severity_increase)
     decision = decide(report, state, new_labels, time.time(), thresholds, force)
@@ -92,34 +118,34 @@ def _pass(settings, console, force, show_progress, store, registry, log, t0) -> 
         console.print(f"  - {reason}", highlight=False, soft_wrap=True)
     if not decision.retrain:
         record["outcome"] = {"status": "skipped", "production": champion}
-        return _finish(store, record, t0)
+        return _finish(run, record)
     try:
-        record["outcome"] = _retrain(settings, console, show_progress, registry, log, labels, reference, champion_dir)
+        record["outcome"] = _retrain(run, check)
     except BaseException as e:
-        record["outcome"] = {"status": "failed", "production": registry.resolve("production"), "error": f"{type(e).__name__}: {e}"}
-        _finish(store, record, t0)
+        record["outcome"] = {"status": "failed", "production": run.registry.resolve("production"), "error": f"{type(e).__name__}: {e}"}
+        _finish(run, record)
         raise
-    return _finish(store, record, t0)
+    return _finish(run, record)
 
 
-def _finish(store, record: dict, t0: float) -> dict:
-    record["seconds"] = round(time.perf_counter() - t0, 1)
-    return audit.append_decision(store, record)
+def _finish(run: RetrainPass, record: dict) -> dict:
+    record["seconds"] = round(time.perf_counter() - run.started, 1)
+    return audit.append_decision(run.store, record)
 
 
-def _retrain(settings, console, show_progress, registry, log, labels, reference, champion_dir: Path) -> dict:
-    champion = reference.version
+def _retrain(run: RetrainPass, check: DriftCheck) -> dict:
+    settings, console, registry = run.settings, run.console, run.registry
+    champion, champion_dir = check.reference.version, check.champion_dir
     bundle = read_bundle(champion_dir)
     work = Path(settings.work_dir)
-    original = read_original_splits(bundle.retrain.original_splits, reference.labels, settings.original_data)
+    original = read_original_splits(bundle.retrain.original_splits, check.reference.labels, settings.original_data)
     cfg = warm_start_config(bundle, settings.epochs, settings.lr_scale, settings.patience, settings.device)
-    size = bundle.policy.resize_size
     console.print(f"retraining {champion}: original data + labeled feedback, warm start, at most {cfg.epochs} epochs")
-    data = build_retrain_data(original, log, labels, reference.labels, size, work / "feedback-images",
-                              settings.feedback_holdout, settings.feedback_val, settings.feedback_weight)
+    shares = FeedbackShares(settings.feedback_holdout, settings.feedback_val, settings.feedback_weight)
+    data = build_retrain_data(original, run.log, check.reference.labels, bundle.policy.resize_size, work / "feedback-images", shares)
     console.print(f"  data: {data.counts}", highlight=False)
     run_dir = work / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{champion}"
-    metrics = train_challenger(bundle, data, cfg, run_dir, console, show_progress)
+    metrics = train_challenger(bundle, data, cfg, run_dir, console, run.show_progress)
     challenger, _ = publish_run(run_dir, registry, parse_variants(settings.variants), 1.0, champion,
                                 original_splits=bundle.retrain.original_splits,
                                 log=lambda m: console.print(f"  {m}", highlight=False, soft_wrap=True))
