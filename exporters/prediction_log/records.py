@@ -34,6 +34,9 @@ from exporters.storage import Store
 # Where a labeled example came from: LabeledExample.source and the cnnloop_feedback metric's `source`.
 FEEDBACK = "feedback"
 LABELED_UPLOAD = "labeled_upload"
+# Where a feedback label came from (feedback_events.source): a client's POST /feedback, or a person
+# answering the review queue (the same feedback path; a retrain treats both as feedback).
+REVIEW = "review"
 
 
 def new_record_id(now: float | None = None) -> str:

@@ -10,14 +10,21 @@ Indexes serve the reads that must cost the window, not the history:
   window (`--last N`, `--since`, per model version), newest first;
 - predictions (feedback_at) WHERE feedback_label IS NOT NULL: the labeled examples, the feedback
   summary and the unstored-feedback count read only labeled rows;
-- feedback_events (prediction_id): the label-change audit.
+- feedback_events (prediction_id): the label-change audit;
+- review_items (answered_at, priority) WHERE answered_at IS NULL: the review queue's next items.
+
+Version 2 (the review queue) adds the review_items table and says where each feedback event came
+from (`source`: feedback, review; `reviewer`). The migration is this module's own few statements,
+not Alembic: they run inside the same transaction and advisory lock as the rest of `migrate`, on
+both engines, and a log of any earlier version (0, 1) comes up to 2 in one step; Alembic would add
+an environment, a revision chain and a second way to say what the schema is, for two changes.
 """
 from __future__ import annotations
 
 from sqlalchemy import (Column, Connection, Float, Index, Integer, LargeBinary, MetaData, String, Table, Text,
                         inspect, select, text)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -45,7 +52,28 @@ feedback_events = Table(
     Column("label", Text, nullable=False),
     Column("previous_label", Text),
     Column("at", Float(53), nullable=False),
+    Column("source", Text),  # NULL in logs from before version 2: those events came from POST /feedback
+    Column("reviewer", Text),
     sqlite_autoincrement=True,
+)
+
+# The review queue: predictions handed to people for a label, in priority order. A lease gives an item
+# to one reviewer until `lease_expires`; after that it is free again. An answered item stays (outcome
+# labeled or skipped) so it is never queued twice; `requeued` marks items sent back for a second look.
+review_items = Table(
+    "review_items", metadata,
+    Column("prediction_id", String(32), primary_key=True),
+    Column("queued_at", Float(53), nullable=False),
+    Column("priority", Float(53), nullable=False),
+    Column("strategy", Text, nullable=False),
+    Column("reason", Text),  # why it is queued beyond its score: abstained, label_check
+    Column("lease_id", String(32)),
+    Column("leased_to", Text),
+    Column("lease_expires", Float(53)),
+    Column("leases", Integer, nullable=False, server_default="0"),
+    Column("answered_at", Float(53)),
+    Column("outcome", Text),  # labeled | skipped
+    Column("label", Text),
 )
 
 labeled_uploads = Table(
@@ -66,7 +94,11 @@ INDEXES = (
           sqlite_where=predictions.c.feedback_label.isnot(None), postgresql_where=predictions.c.feedback_label.isnot(None)),
     Index("feedback_events_prediction", feedback_events.c.prediction_id),
     Index("labeled_uploads_created", labeled_uploads.c.created_at),
+    Index("review_items_open", review_items.c.priority,
+          sqlite_where=review_items.c.answered_at.is_(None), postgresql_where=review_items.c.answered_at.is_(None)),
 )
+# Columns later versions added to tables older logs already have: (table, column, SQL type).
+_ADDED_COLUMNS = (("feedback_events", "source", "TEXT"), ("feedback_events", "reviewer", "TEXT"))
 # Indexes older SQLite logs had that the ones above replace.
 _RETIRED_INDEXES = ("predictions_created",)
 
@@ -101,6 +133,10 @@ def migrate(conn: Connection, describe: str) -> int:
         return found
     _rename_old_labeled_table(conn, set(inspect(conn).get_table_names()))
     metadata.create_all(conn, checkfirst=True)  # new tables only: the old ones keep their rows
+    inspector = inspect(conn)
+    for table, column, sql_type in _ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
     for name in _RETIRED_INDEXES:
         conn.execute(text(f"DROP INDEX IF EXISTS {name}"))
     for index in INDEXES:

@@ -95,6 +95,25 @@ def _engine(url: str) -> Engine:
     return create_engine(url, pool_size=4, max_overflow=8, pool_recycle=1800)
 
 
+def apply_feedback(conn, prediction_id: str, label: str, source: str, reviewer: str | None = None,
+                   now: float | None = None) -> FeedbackOutcome | None:
+    """Give a prediction its label inside the caller's write transaction: the one feedback path of
+    POST /feedback and the review queue (every change kept in feedback_events with its source)."""
+    p = schema.predictions
+    now = time.time() if now is None else now
+    row = conn.execute(select(p.c.label, p.c.feedback_label).where(p.c.prediction_id == prediction_id)
+                       .with_for_update()).first()
+    if row is None:
+        return None
+    predicted, previous = row
+    changed = previous != label
+    if changed:
+        conn.execute(update(p).where(p.c.prediction_id == prediction_id).values(feedback_label=label, feedback_at=now))
+        conn.execute(insert(schema.feedback_events).values(prediction_id=prediction_id, label=label, previous_label=previous,
+                                                           at=now, source=source, reviewer=reviewer))
+    return FeedbackOutcome(prediction_id, label, predicted, previous, changed)
+
+
 def row_values(r: PredictionRecord) -> dict:
     d = {name: getattr(r, name) for name in _COLUMNS}
     d["probabilities"] = json.dumps(r.probabilities)
@@ -160,20 +179,8 @@ class SqlPredictionLog:
                 conn.execute(self._insert_new(schema.predictions), rows)
 
     def record_feedback(self, prediction_id: str, label: str) -> FeedbackOutcome | None:
-        p = schema.predictions
-        now = time.time()
         with self.engine.connect().execution_options(writes=True) as conn, conn.begin():
-            row = conn.execute(select(p.c.label, p.c.feedback_label).where(p.c.prediction_id == prediction_id)
-                               .with_for_update()).first()
-            if row is None:
-                return None
-            predicted, previous = row
-            changed = previous != label
-            if changed:
-                conn.execute(update(p).where(p.c.prediction_id == prediction_id).values(feedback_label=label, feedback_at=now))
-                conn.execute(insert(schema.feedback_events).values(prediction_id=prediction_id, label=label,
-                                                                   previous_label=previous, at=now))
-        return FeedbackOutcome(prediction_id, label, predicted, previous, changed)
+            return apply_feedback(conn, prediction_id, label, FEEDBACK)
 
     def add_labeled_upload(self, sha256: str, label: str, filename: str) -> str:
         upload_id = new_record_id()
