@@ -19,6 +19,7 @@ from service.auth import require_bearer
 from service.error_responses import answer_for_path, answer_method_not_allowed, endpoint_answering, error_response
 from service.errors import PayloadTooLarge
 from service.oip_routes import oip_routes
+from service.review_routes import review_routes
 from service.openapi import build_spec
 from service.request_validation import parse_feedback, read_image_uploads, read_labeled_upload
 from service.runtime import ServingRuntime
@@ -111,6 +112,7 @@ def build_http_app() -> Starlette:
             Route("/admin/reload", admin_reload, methods=["POST"]),
             # Shadows BentoML's /docs.json (which knows none of these routes); its Swagger UI at / reads this.
             Route("/docs.json", openapi_spec, methods=["GET"]),
+            *review_routes(),
             *oip_routes(),
         ],
         middleware=[Middleware(BodySizeLimit)],

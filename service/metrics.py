@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from exporters.prediction_log.records import FEEDBACK, LABELED_UPLOAD
+from exporters.prediction_log.records import FEEDBACK, LABELED_UPLOAD, REVIEW
 from service.live_drift import DriftScores
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -50,8 +50,14 @@ class ServiceMetrics:
                                    ["reason"], registry=r)
         self.log_write_failures = Counter("cnnloop_log_write_failures", "Failed log batch writes (each is retried)", registry=r)
         self.feedback = Counter("cnnloop_feedback", f"Labels received, by source: {FEEDBACK} (on a prediction, "
-                                f"POST /feedback) or {LABELED_UPLOAD} (a new image, POST /feedback/image)",
+                                f"POST /feedback), {REVIEW} (the review queue) or {LABELED_UPLOAD} (a new image, POST /feedback/image)",
                                 ["source"], registry=r)
+        self.review_queue_depth = Gauge("cnnloop_review_queue_depth", "Review-queue items waiting for a reviewer "
+                                        "(last seen by this replica)", multiprocess_mode="max", registry=r)
+        self.review_expired_leases = Counter("cnnloop_review_expired_leases", "Review items handed out again because "
+                                             "their reviewer's lease ran out", registry=r)
+        self.label_delay = Histogram("cnnloop_label_delay_seconds", "Time from a prediction to its label from the review queue",
+                                     buckets=(60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600), registry=r)
         self.feedback_accuracy = Gauge("cnnloop_feedback_accuracy",
                                        "Fraction of feedback-labeled predictions whose predicted label was right",
                                        multiprocess_mode=_GAUGE_MODE, registry=r)
@@ -89,6 +95,10 @@ class ServiceMetrics:
         self.feedback_labeled.set(labeled)
         if labeled:
             self.feedback_accuracy.set(agreed / labeled)
+
+    def record_review_label(self, seconds_since_prediction: float) -> None:
+        self.feedback.labels(source=REVIEW).inc()
+        self.label_delay.observe(seconds_since_prediction)
 
     def record_labeled_upload(self) -> None:
         self.feedback.labels(source=LABELED_UPLOAD).inc()

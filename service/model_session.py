@@ -38,6 +38,7 @@ class Reference:
     mean_confidence: float | None
     pca_mean: np.ndarray | None = None
     pca_components: np.ndarray | None = None
+    embeddings_sample: np.ndarray | None = None  # validation embeddings in the PCA space: the review queue's novelty
 
     def project(self, embeddings: np.ndarray) -> np.ndarray | None:
         if self.pca_components is None:
@@ -109,7 +110,7 @@ def read_reference(bundle: Bundle) -> Reference:
         prior = np.ones(n_classes)
     probs = ref.probs_sample
     conf = float(probs.max(1).mean()) if probs is not None and len(probs) else None
-    return Reference(prior / prior.sum(), conf, ref.pca_mean, ref.pca_components)
+    return Reference(prior / prior.sum(), conf, ref.pca_mean, ref.pca_components, ref.embeddings_pca_sample)
 
 
 def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_threads: int | None = None) -> LoadedModel:

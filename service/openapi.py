@@ -12,6 +12,7 @@ import importlib.metadata
 
 from service import oip_spec
 from service.request_validation import IMAGES_FIELD, FeedbackIn
+from service.review_spec import review_paths
 from service.settings import ServiceSettings
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -102,7 +103,7 @@ _INFO_RESPONSE = {
 
 def _errors(*statuses: int) -> dict:
     why = {400: "malformed request (the message says what)", 401: "missing or wrong bearer token",
-           404: "no such prediction", 413: "body, file count or image over a limit", 415: "wrong Content-Type",
+           404: "no such prediction (or, for review, never queued)", 413: "body, file count or image over a limit", 415: "wrong Content-Type",
            422: "well-formed but unusable: undecodable image, unknown label", 503: "no model loaded yet"}
     return {str(s): {"description": why[s], "content": {"application/json": {"schema": _ERROR}}} for s in statuses}
 
@@ -238,9 +239,12 @@ def build_spec(settings: ServiceSettings | None, labels: list[str] | None = None
                                 "(KServe/Triton REST) under /v2."},
         "servers": [{"url": "/"}],
         "tags": [{"name": "cnnloop", "description": "predict and feedback"},
+                 {"name": "review", "description": "the review queue and its labeling page (write token)"},
                  {"name": "oip", "description": "Open Inference Protocol v2 (KServe / Triton REST)"},
                  {"name": "infra", "description": "probes and metrics"}],
-        "paths": {**_cnnloop_paths(settings, labels), **_oip_paths(settings, served_version), **_infra_paths()},
+        "paths": {**_cnnloop_paths(settings, labels), **review_paths(_security(None if settings is None else
+                                                                              settings.api_token is not None), _errors),
+                  **_oip_paths(settings, served_version), **_infra_paths()},
         "components": {
             "securitySchemes": {_BEARER: {"type": "http", "scheme": "bearer",
                                           "description": "CNNLOOP_PREDICT_TOKEN for /predict and /v2 infer, "

@@ -30,6 +30,7 @@ from service.model_session import CheckOutcome, LoadedModel, ModelSession
 from service.predictions import (Classification, build_prediction_record, calibrate_batch, embeddings_to_log, model_input,
                                  pixels_sha256, png_bytes, predict_answer, prediction_answer, top_k)
 from service.request_validation import FeedbackIn, PixelImage, Upload
+from service.review_desk import ReviewDesk
 from service.settings import ServiceSettings
 
 log = logging.getLogger("cnnloop.service")
@@ -69,6 +70,7 @@ class ServingRuntime:
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="cnnloop-decode")
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="cnnloop-log")
         self.writer: LogWriter | None = None
+        self.review: ReviewDesk | None = None  # once the log is open
         self._drift: LiveDrift | None = None
         self._labels_seen: dict[str, list[str]] = {}
         self._feedback_counts = [0, 0]  # labeled predictions, of which predicted right
@@ -82,6 +84,7 @@ class ServingRuntime:
         s = self.settings
         self.writer = LogWriter(self.log, self.metrics, s.log_queue_size, s.log_batch_size, s.log_flush_interval_ms / 1000)
         self._feedback_counts = list(await asyncio.to_thread(self.log.feedback_summary))
+        self.review = ReviewDesk(self)
         self.batcher.start()
         outcome = await asyncio.to_thread(self.models.check)
         log.info("startup model check: %s", outcome.as_dict())
@@ -217,17 +220,21 @@ class ServingRuntime:
         outcome = await asyncio.to_thread(self.log.record_feedback, fb.prediction_id, fb.label)
         if outcome is None:
             raise NotFound(f"no prediction with id '{fb.prediction_id}'", code="unknown_prediction")
-        if outcome.changed:
-            c = self._feedback_counts
-            if outcome.previous_label is None:
-                c[0] += 1
-            else:
-                c[1] -= outcome.previous_label == outcome.predicted_label
-            c[1] += outcome.label == outcome.predicted_label
+        self.count_label(outcome.previous_label, outcome.label, outcome.predicted_label, outcome.changed)
         self.metrics.record_feedback(*self._feedback_counts)
         return {"prediction_id": outcome.prediction_id, "label": outcome.label,
                 "predicted_label": outcome.predicted_label, "previous_label": outcome.previous_label,
                 "changed": outcome.changed, "correct": outcome.label == outcome.predicted_label}
+
+    def count_label(self, previous: str | None, label: str, predicted: str, changed: bool) -> None:
+        """Keep the labeled/agreed counts behind cnnloop_feedback_accuracy as a label arrives or changes."""
+        if changed:
+            c = self._feedback_counts
+            if previous is None:
+                c[0] += 1
+            else:
+                c[1] -= previous == predicted
+            c[1] += label == predicted
 
     async def _await_recent_prediction(self, prediction_id: str) -> PredictionRecord | None:
         """A prediction answered a moment ago may still be in a log queue: this replica's (commit it now)

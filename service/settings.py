@@ -39,6 +39,12 @@ class ServiceSettings(LogLocations):
     batch_max_latency_ms: float = Field(5.0, ge=0.0, le=10_000, description="longest an image waits for its batch to fill")
     decode_threads: int = Field(0, ge=0, le=256, description="image decoding threads; 0 = one per available core (affinity and cgroup quota)")
     top_k: int = Field(3, ge=1, le=100)
+    # The review queue (/review): which unlabeled predictions people see first, and for how long a
+    # reviewer holds the items handed to them before they return to the queue.
+    review_strategy: Literal["margin", "entropy", "novelty", "random"] = Field(
+        "margin", description="acquisition strategy ranking the review queue (abstained answers always first)")
+    review_lease_s: float = Field(300.0, ge=5.0, le=86_400, description="seconds a reviewer holds the items handed out")
+    review_pool: int = Field(2000, ge=10, le=100_000, description="newest unlabeled predictions scored when the queue runs low")
     # Abstention: an answer says `abstained: true` (still with its top answers and set) when its
     # calibrated confidence is below this, or its prediction set is larger than that. Unset: the
     # bundle's own rule (`cnnloop train --target-accuracy` / `--max-set-size`); 0 turns a part off.

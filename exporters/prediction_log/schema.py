@@ -59,7 +59,7 @@ feedback_events = Table(
 
 # The review queue: predictions handed to people for a label, in priority order. A lease gives an item
 # to one reviewer until `lease_expires`; after that it is free again. An answered item stays (outcome
-# labeled or skipped) so it is never queued twice; `requeued` marks items sent back for a second look.
+# labeled or skipped) so it is never queued twice; reason label_check marks items sent back for a second look.
 review_items = Table(
     "review_items", metadata,
     Column("prediction_id", String(32), primary_key=True),
