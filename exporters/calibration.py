@@ -10,8 +10,8 @@ conformal threshold `qhat`, u uniform in [0, 1). If calibration and live images 
 the set holds the true class with probability at least `coverage`, and at most coverage + 1/(n+1).
 The non-randomised variants are far from that on real data: on held-out digits (a 91%-accurate
 model, 90% target) including the last label covered 100% with 4.6 classes a set, RAPS 96-99%; the
-randomised sets covered 90.3% with 1.2 classes. The service draws u from the image's sha256, so
-one image always gets the same set. The price: a set can be empty, and only when the top class
+randomised sets covered 90.3% with 1.2 classes. The service draws u from the sha256 of what was
+sent (a file's bytes, or decoded pixels), so one input always gets the same set. The price: a set can be empty, and only when the top class
 alone holds more than `qhat` (a confident answer that needs no alternative at this coverage).
 """
 from __future__ import annotations
