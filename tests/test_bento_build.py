@@ -134,6 +134,12 @@ def test_bento_holds_every_service_and_exporters_module(bento):
         assert expected and packed == expected, room
 
 
+def test_bento_holds_the_labeling_page_the_service_serves(bento):
+    _, bento_dir = bento
+    page = bento_dir / "src" / "service" / "review_page.html"
+    assert page.read_bytes() == (ROOT / "service" / "review_page.html").read_bytes()
+
+
 def test_bento_holds_nothing_but_the_serving_rooms_and_its_bentofile(bento):
     _, bento_dir = bento
     top = {p.name for p in (bento_dir / "src").iterdir()}
