@@ -108,7 +108,15 @@ def test_the_answer_names_the_record_and_its_top_k_unrounded():
     a = prediction_answer(r, LABELS, PROBS[0], top_k(PROBS, 2)[0])
     assert a == {"prediction_id": r.prediction_id, "filename": "0.png", "label": "dog", "confidence": r.confidence,
                  "model_version": "v1",
-                 "top_k": [{"label": "dog", "probability": float(PROBS[0, 1])}, {"label": "fox", "probability": float(PROBS[0, 2])}]}
+                 "top_k": [{"label": "dog", "probability": float(PROBS[0, 1])}, {"label": "fox", "probability": float(PROBS[0, 2])}],
+                 "prediction_set": None, "abstained": False}  # no calibration: no set
+
+
+def test_the_answer_lists_its_prediction_set_most_probable_first_and_says_when_it_abstained():
+    r = _record(0)
+    a = prediction_answer(r, LABELS, PROBS[0], top_k(PROBS, 2)[0], np.array([True, True, False]), abstained=True)
+    expected = sorted(LABELS[:2], key=lambda label: -PROBS[0, LABELS.index(label)])
+    assert a["prediction_set"] == expected and a["abstained"] is True
 
 
 def test_predictions_the_log_could_not_keep_say_logged_false():
