@@ -79,31 +79,40 @@ def calibration_scores(probs: np.ndarray, labels: np.ndarray) -> dict:
             "mean_confidence": float(probs.max(1).mean()), "accuracy": float(np.mean(probs.argmax(1) == labels))}
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = TEMPERATURE_RANGE[0],
-                    hi: float = TEMPERATURE_RANGE[1], iters: int = 60) -> float:
-    """Temperature minimising NLL, by golden-section search on 1/T.
+# The prior on log T: normal, centred on T = 1, worth PRIOR_IMAGES images of evidence. Without it a
+# validation split the model gets all right (12 images in the tests, 37 on hymenoptera) drives T to
+# its lower bound: every served probability becomes 1.0, and the drift report then flags clean
+# traffic whose confidence is 0.998 against a reference of 0.99999996. With a few hundred images
+# the data outweighs it (digits: T 0.679 either way).
+PRIOR_IMAGES = 1.0
 
-    NLL is convex in the logit scale 1/T, so the search finds the optimum in [1/hi, 1/lo]."""
-    if len(labels) == 0:
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, lo: float = TEMPERATURE_RANGE[0],
+                    hi: float = TEMPERATURE_RANGE[1], iters: int = 80) -> float:
+    """The MAP temperature: mean NLL plus a normal prior on log T (PRIOR_IMAGES images' worth),
+    by golden-section search over log T (the NLL is quasi-convex there, the prior convex)."""
+    n = len(labels)
+    if n == 0:
         return 1.0
 
-    def nll(inv_t: float) -> float:
-        return negative_log_likelihood(apply_temperature(probs, 1.0 / inv_t), labels)
+    def objective(log_t: float) -> float:
+        nll = negative_log_likelihood(apply_temperature(probs, math.exp(log_t)), labels)
+        return nll + PRIOR_IMAGES * log_t**2 / (2 * n)
 
-    a, b = 1.0 / hi, 1.0 / lo
+    a, b = math.log(lo), math.log(hi)
     g = (math.sqrt(5) - 1) / 2
     c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = nll(c), nll(d)
+    fc, fd = objective(c), objective(d)
     for _ in range(iters):
         if fc < fd:
             b, d, fd = d, c, fc
             c = b - g * (b - a)
-            fc = nll(c)
+            fc = objective(c)
         else:
             a, c, fc = c, d, fd
             d = a + g * (b - a)
-            fd = nll(d)
-    return float(2.0 / (a + b))
+            fd = objective(d)
+    return float(math.exp((a + b) / 2))
 
 
 def _ranked(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

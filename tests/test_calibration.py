@@ -134,3 +134,11 @@ def test_one_image_always_gets_the_same_draw_and_draws_are_uniform():
     assert uniform_from_digest(hashlib.sha256(b"7").hexdigest()) == draws[7]
     assert draws.min() >= 0 and draws.max() < 1
     assert np.histogram(draws, bins=10, range=(0, 1))[0].min() > 330  # 400 expected per bin
+
+
+def test_a_validation_split_the_model_gets_all_right_does_not_drive_the_temperature_to_its_bound():
+    """Twelve right answers at 0.9 cannot justify serving 1.0 for everything (T at 0.05)."""
+    probs = np.tile([[0.9, 0.05, 0.05]], (12, 1))
+    temperature = fit_temperature(probs, np.zeros(12, int))
+    assert 0.3 < temperature < 1.0  # sharper, as the evidence says, but not to certainty
+    assert apply_temperature(probs, temperature).max() < 0.999
