@@ -142,7 +142,7 @@ class ReviewDesk:
 
     async def image(self, prediction_id: str, lease_id: str | None) -> tuple[bytes, str]:
         """The stored image of an item this lease holds (a reviewer sees only what they were handed)."""
-        if not lease_id:
+        if not lease_id or not lease_id.strip():
             raise BadRequest("give the item's lease: /review/image/<prediction_id>?lease_id=<lease_id>", code="missing_lease")
         record = await asyncio.to_thread(self.queue.held_prediction, lease_id, prediction_id)
         if record is None:

@@ -23,6 +23,10 @@ _ITEM = {"type": "object", "required": ["prediction_id", "image_url", "predicted
 def _body(model) -> dict:
     schema = model.model_json_schema()
     schema["additionalProperties"] = False
+    if model is AnswerIn:  # what its validator enforces, said in the schema: a label, or skip, never both
+        schema["oneOf"] = [
+            {"required": ["label"], "properties": {"label": {"type": "string"}, "skip": {"const": False}}},
+            {"required": ["skip"], "properties": {"skip": {"const": True}, "label": {"type": "null"}}}]
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
@@ -70,7 +74,8 @@ def review_paths(security: list, errors) -> dict:
             "operationId": "reviewImage", "tags": ["review"], "summary": "The stored image of a leased item",
             "security": security,
             "parameters": [{"name": "prediction_id", "in": "path", "required": True, "schema": {"type": "string"}},
-                           {"name": "lease_id", "in": "query", "required": True, "schema": {"type": "string"}}],
+                           {"name": "lease_id", "in": "query", "required": True,
+                            "schema": {"type": "string", "minLength": 1, "pattern": "\\S"}}],
             "responses": {"200": {"description": "the image as uploaded",
                                   "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}}},
                           **errors(400, 401, 503), **conflict}}},

@@ -74,8 +74,9 @@ def test_only_rank_0_writes_the_run_directory(job):
     assert job["writes"][1] == []
     assert job["writes"][0].count("metrics.json") == 1
     assert sorted(p.name for p in job["out"].iterdir()) == sorted([
-        "classes.json", "config.yaml", "confusion_test.png", "confusion_val.png", "curves.png", "metrics.json",
-        "model.json", "model.safetensors", "skipped_images.json", "splits.json"])
+        "calibration.json", "classes.json", "config.yaml", "confusion_test.png", "confusion_val.png", "curves.png",
+        "metrics.json", "model.json", "model.safetensors", "reliability.png", "risk_coverage.png", "skipped_images.json",
+        "splits.json"])
 
 
 @pytest.mark.slow
