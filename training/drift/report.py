@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from exporters.model_store.bundle import read_bundle, read_reference_stats
+from exporters.calibration import apply_temperature
 from exporters.reference_stats import project
 from training.drift import stats
 from training.errors import TrainingError
@@ -38,6 +39,7 @@ class ReferenceSet:
     pca_components: np.ndarray
     val_accuracy: float
     temperature: float
+    served_temperature: float = 1.0  # the bundle's calibration: probabilities in the log and sample are divided by it
 
 
 @dataclass
@@ -63,6 +65,7 @@ def load_reference_set(bundle_dir: Path) -> ReferenceSet:
         labels_idx=ref.labels_sample, embeddings=ref.embeddings_pca_sample.astype(np.float64),
         pca_mean=ref.pca_mean, pca_components=ref.pca_components,
         val_accuracy=ref.val_accuracy, temperature=ref.temperature,
+        served_temperature=float((bundle.calibration or {}).get("temperature", 1.0)),
     )
 
 
@@ -143,16 +146,20 @@ def build_report(reference: ReferenceSet, window: LiveWindow, *, alpha: float = 
         return report
 
     k = len(reference.labels)
+    # The shift tests read the model's own outputs: the served (calibrated) probabilities are mapped
+    # back by the bundle's temperature. A sharpening temperature fitted on a val split the model gets
+    # all right magnifies tiny confidence differences, and made the demo's clean traffic "drift".
+    ref_raw, live_raw = (apply_temperature(p, 1.0 / reference.served_temperature) for p in (reference.probs, window.probs))
     ref_counts = np.bincount(reference.probs.argmax(1), minlength=k)
     live_counts = np.bincount(window.probs.argmax(1), minlength=k)
     verdict_tests = [
-        stats.bbsd_ks(reference.probs, window.probs, alpha),
+        stats.bbsd_ks(ref_raw, live_raw, alpha),
         stats.class_distribution_shift(ref_counts, live_counts, alpha),
     ]
     if window.embeddings is not None and len(window.embeddings) >= min(min_samples, n):
         verdict_tests.append(stats.mmd_rbf(reference.embeddings, window.embeddings, alpha, n_permutations=permutations, seed=seed))
     detected, p = stats.combine(verdict_tests, alpha)
-    supporting = [stats.confidence_shift(reference.probs, window.probs, alpha), stats.entropy_shift(reference.probs, window.probs, alpha)]
+    supporting = [stats.confidence_shift(ref_raw, live_raw, alpha), stats.entropy_shift(ref_raw, live_raw, alpha)]
     report.update(
         status="drift" if detected else "no_drift", drift_detected=bool(detected), combined_p_value=float(p),
         severity=float(stats.severity(p)) if detected else 0.0,
