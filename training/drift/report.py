@@ -61,7 +61,9 @@ def load_reference_set(bundle_dir: Path) -> ReferenceSet:
     if not ref.has_arrays:
         raise TrainingError(f"bundle {bundle.version} has no reference statistics ({ref.path.name}); re-export it with `cnnloop export`")
     return ReferenceSet(
-        version=bundle.version or "?", labels=list(bundle.labels), probs=ref.probs_sample.astype(np.float64),
+        # At the precision the log keeps (6 decimals, service/predictions.py): a sharpened class probability
+        # of 1e-9 is 0.0 in the log, and the per-class KS would call that difference drift.
+        version=bundle.version or "?", labels=list(bundle.labels), probs=np.round(ref.probs_sample.astype(np.float64), 6),
         labels_idx=ref.labels_sample, embeddings=ref.embeddings_pca_sample.astype(np.float64),
         pca_mean=ref.pca_mean, pca_components=ref.pca_components,
         val_accuracy=ref.val_accuracy, temperature=ref.temperature,
