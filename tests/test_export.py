@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +248,11 @@ def test_the_bundle_carries_the_runs_calibration_and_its_reference_is_what_the_s
     assert calibration is not None and abs(calibration.temperature - 1) > 0.05  # training fitted one on val
     assert metadata["calibration"] == calibration.to_json()
     assert metadata["variants"]["fp32"]["parity_vs_torch"]["calibrated_max_abs_diff"] <= 1e-4
-    # The drift reference is computed on calibrated probabilities, as served: nothing left to rescale.
-    assert metadata["reference"]["temperature"] == pytest.approx(1.0, abs=0.02)
+    # The drift reference is computed on calibrated probabilities, as served: little left to rescale.
+    # Not exactly 1: the MAP prior pulls each fit toward 1, so a refit on already-scaled probabilities
+    # lands a little short (0.98 seen in CI); on raw probabilities it would refit the whole temperature.
+    left = abs(math.log(metadata["reference"]["temperature"]))
+    assert left < 0.1 and left < abs(math.log(calibration.temperature)) / 2
     summary = metadata["metrics"]
     assert {"before", "after"} <= set(summary["calibration_test"]) and summary["prediction_sets"]["target"] == 0.9
     assert set(summary["risk_coverage"]["at_coverage"]) == {"0.80", "0.90", "1.00"}
