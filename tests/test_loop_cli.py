@@ -34,6 +34,7 @@ def test_drift_without_a_production_model_exits_2(tmp_path):
     (["drift", "--last", "0"], "not in the range x>=1"),
     (["retrain", "--every", "often"], "not a duration"),
     (["retrain", "--device", "tpu"], "auto, cpu, cuda"),
+    (["retrain", "--label-check", "drop"], "'exclude', 'keep' or 'downweight'"),
 ])
 def test_bad_flags_exit_2_saying_what_is_wrong(args, phrase):
     r = invoke(*args)

@@ -17,6 +17,8 @@ from rich.console import Console
 
 from exporters.preprocess import ResizePolicy, load_model_input
 from exporters.model_store.registry import Registry
+from exporters.prediction_log.review_queue import ReviewQueue
+from exporters.prediction_log.sql import open_prediction_log
 from exporters.storage import open_store
 from service.metrics import ServiceMetrics
 from service.request_validation import FeedbackIn, Upload
@@ -77,9 +79,10 @@ def png_bytes(path: Path, shift: bool) -> bytes:
         return buf.getvalue()
 
 
-def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, feedback: bool) -> float:
+def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, feedback: bool,
+                given: list[str] | None = None) -> float:
     """The service's own runtime serves the images (the production graph; records and bytes logged as
-    in production), then the client's true labels come back as feedback. Returns the accuracy served."""
+    in production), then the client's true labels (or `given` ones) come back as feedback. Returns the accuracy served."""
     service_settings = load_service_settings(environ={}, overrides={
         "registry": settings.registry, "data_dir": settings.data_dir, "log_url": settings.log_url, "variant": "fp32", "prefer_gpu": False,
         "poll_interval_s": 0, "store_sample_rate": 1.0, "bundle_cache_dir": settings.work_dir / "client-bundles"})
@@ -92,7 +95,7 @@ def log_traffic(settings: LoopSettings, registry: Registry, items, shift: bool, 
             answers = (await runtime.predict(uploads))["predictions"]
             assert not [a for a in answers if a.get("logged") is False], "the prediction log refused the traffic"
             if feedback:
-                for answer, (_, label) in zip(answers, items):
+                for answer, label in zip(answers, given or [label for _, label in items]):
                     await runtime.feedback(FeedbackIn(prediction_id=answer["prediction_id"], label=label))
             return answers
         finally:
@@ -128,6 +131,42 @@ def test_shifted_traffic_is_detected_retrained_and_the_better_challenger_promote
     challenger_dir, champion_dir = (settings.work_dir / "bundles" / v for v in (out["challenger"], champion["version"]))
     assert (challenger_dir / "model.safetensors").is_file() and (challenger_dir / "model.json").is_file()
     assert (challenger_dir / "original_splits.json").read_bytes() == (champion_dir / "original_splits.json").read_bytes()
+
+
+def test_wrong_labels_are_flagged_left_out_sent_back_for_review_and_audited(champion, loop):
+    settings, registry = loop
+    items = champion["traffic"]
+    rng = np.random.default_rng(0)
+    wrong = set(rng.choice(len(items), size=len(items) // 7, replace=False).tolist())  # a careless reviewer: 14%
+    given = [str(rng.choice([d for d in DIGITS if str(d) != label])) if i in wrong else label
+             for i, (_, label) in enumerate(items)]
+    log_traffic(settings, registry, items, shift=True, feedback=True, given=given)
+    log = open_prediction_log(settings.data_dir, log_url=settings.log_url)
+    try:
+        by_name = {int(Path(r.filename).stem): r for r in log.labeled_predictions()}
+        wrong_ids = {by_name[i].prediction_id for i in wrong}
+        record = retrain_once(settings, console, force=True, show_progress=False)
+        check = record["outcome"]["label_check"]
+        flagged = set(check["flagged"])
+        assert check["policy"] == "exclude" and check["checked"] == len(items) and check["methods"]
+        hits = len(flagged & wrong_ids)
+        assert hits / len(flagged) >= 0.6 and hits / len(wrong_ids) >= 0.6, (len(flagged), hits, len(wrong_ids))
+        # Left out of training and of the holdout: only unflagged labels reach the data.
+        counts = record["outcome"]["data"]
+        assert counts["suspect_labels"] == {"set_aside": len(flagged), "trained_once": 0}
+        assert sum(counts["feedback"].values()) == len(items) - len(flagged)
+        # Back in the review queue, ahead of everything else, with the reason the page shows.
+        queue = ReviewQueue(log)
+        leased, _ = queue.lease("second-look", 50, 60, spread=False)
+        assert {i.prediction.prediction_id for i in leased[:len(flagged)]} == flagged
+        assert {i.reason for i in leased[:len(flagged)]} == {"label_check"}
+        # A second look that keeps the label is trusted by the next check; the audit log lists the flags.
+        item = leased[0]
+        queue.answer(item.lease_id, item.prediction.prediction_id, item.prediction.feedback_label, "second-look")
+        assert item.prediction.prediction_id in queue.second_looks()
+        assert set(audit.read_decisions(open_store(settings.data_dir))[-1]["outcome"]["label_check"]["flagged"]) == flagged
+    finally:
+        log.close()
 
 
 def test_a_crash_mid_retrain_leaves_production_untouched_and_frees_the_lock(champion, loop, monkeypatch):

@@ -150,6 +150,12 @@ class ReviewQueue:
                 conn.execute(self.log._insert_new(schema.review_items), new)
         return len(ids)
 
+    def second_looks(self) -> set[str]:
+        """Predictions a reviewer labeled after the label check sent them back: a person looked twice."""
+        r = schema.review_items
+        with self.engine.connect() as conn:
+            return set(conn.execute(select(r.c.prediction_id).where(r.c.reason == LABEL_CHECK, r.c.outcome == "labeled")).scalars())
+
     # leasing -------------------------------------------------------------------------------
 
     def lease(self, reviewer: str, n: int, lease_seconds: float, spread: bool = True) -> tuple[list[ReviewItem], int]:

@@ -233,6 +233,14 @@ class SqlPredictionLog:
         for sha, label, rid, at in uploads:
             yield LabeledExample(sha, label, LABELED_UPLOAD, rid, at)
 
+    def labeled_predictions(self) -> list[PredictionRecord]:
+        """Every prediction with a label and a stored image (what the retrain job's label check reads)."""
+        p = schema.predictions
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(p).where(p.c.feedback_label.isnot(None), p.c.image_stored == 1)
+                                .order_by(p.c.created_at, p.c.prediction_id)).all()
+        return [_record_from_row(row) for row in rows]
+
     def predictions(self, since: float | None = None, last: int | None = None,
                     model_version: str | None = None) -> list[PredictionRecord]:
         """The window, oldest first: newest-first index scans, so `last=N` reads N rows whatever the log's size."""

@@ -27,6 +27,9 @@ def register(app: typer.Typer) -> None:
         epochs: int = typer.Option(None, "--epochs", min=1, help="Most fine-tuning epochs (env CNNLOOP_EPOCHS; default 8)."),
         device: str = typer.Option(None, "--device", help="Device the challenger trains on: auto, cpu, cuda or cuda:N "
                                    "(env CNNLOOP_DEVICE; default auto)."),
+        label_check: str = typer.Option(None, "--label-check", help="What the retrain does with labels the check "
+                                        "flags as likely wrong: exclude (default), keep, or downweight (env CNNLOOP_LABEL_CHECK). "
+                                        "Flagged labels always go back to the review queue and into the audit log."),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
         config: Path = opt.CONFIG, registry: str = REGISTRY_OPTION, data_dir: str = DATA_DIR_OPTION,
         s3_endpoint_url: str = S3_ENDPOINT_OPTION, log_url: str = LOG_URL_OPTION,
@@ -34,6 +37,8 @@ def register(app: typer.Typer) -> None:
         """Check drift on the production model's traffic, decide by policy, and when it says so: fine-tune
         a challenger from the production weights on the original data + labeled feedback, export it,
         judge champion and challenger on the same holdout, and promote only a better challenger.
+        Before training, a label check (cleanlab's confident learning on out-of-sample probabilities)
+        flags likely wrong labels: see --label-check.
 
         Guarded by a lock in the data store (exit 4 when another run holds it). Every pass is appended
         to the audit log DATA_DIR/audit/decisions-YYYY-MM-DD.jsonl. A crash leaves production untouched.
@@ -43,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
         with guarded():
             settings = opt.loop_settings(config, registry, data_dir, s3_endpoint_url, log_url, original_data=original_data, work_dir=work_dir,
-                                         epochs=epochs, device=device)
+                                         epochs=epochs, device=device, label_check=label_check)
             resolve_device(settings.device)  # before the first pass: under --every a pass failing on it would only be logged
             interval = opt.parse_duration(every) if every else None
             if interval is None:

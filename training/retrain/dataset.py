@@ -96,21 +96,34 @@ def latest_labels(log: PredictionLog, classes: list[str]) -> dict[str, tuple[flo
 
 
 def build_retrain_data(original: dict[str, LabeledFiles | None], log: PredictionLog, classes: list[str], size: int,
-                       cache_dir: Path, shares: FeedbackShares, progress=None) -> RetrainData:
+                       cache_dir: Path, shares: FeedbackShares, progress=None, suspect: set[str] = frozenset(),
+                       suspect_policy: str = "exclude") -> RetrainData:
     """The original splits, decoded at `size`, and the log's newest label per image, each image fetched once
-    into `cache_dir` and given its role by its hash."""
+    into `cache_dir` and given its role by its hash.
+
+    `suspect`: images whose label the label check flagged. "exclude" leaves them out; "downweight"
+    trains on those whose role is train once instead of repeating them, and leaves the others out
+    (a suspect label must not judge a model, and its image keeps its role for later retrains);
+    "keep" uses them like any other."""
     latest = latest_labels(log, classes)
     index = {c: i for i, c in enumerate(classes)}
-    roles: dict[str, tuple[list[Path], list[int]]] = {"train": ([], []), "val": ([], []), "holdout": ([], [])}
+    roles: dict[str, tuple[list[Path], list[int]]] = {"train": ([], []), "val": ([], []), "holdout": ([], []), "once": ([], [])}
     cache_dir.mkdir(parents=True, exist_ok=True)
+    set_aside = 0
     for sha, (_, label) in sorted(latest.items()):
+        role = labeled_example_role(sha, shares.holdout, shares.val)
+        if sha in suspect and suspect_policy != "keep":
+            if suspect_policy == "exclude" or role != "train":
+                set_aside += 1
+                continue
+            role = "once"
         path = cache_dir / sha[:2] / sha
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".part")
             tmp.write_bytes(log.image_bytes(sha))
             tmp.replace(path)
-        paths, labels = roles[labeled_example_role(sha, shares.holdout, shares.val)]
+        paths, labels = roles[role]
         paths.append(path)
         labels.append(index[label])
     decoded, skipped = {}, []
@@ -127,10 +140,12 @@ def build_retrain_data(original: dict[str, LabeledFiles | None], log: Prediction
     # Repeat labeled examples until they are `feedback_weight` of an epoch; the original data is replayed in full
     # so the model does not forget what it knew.
     repeat = 0 if n_fb == 0 else max(1, min(MAX_FEEDBACK_REPEAT, math.ceil(shares.weight / (1 - shares.weight) * n_orig / n_fb)))
-    train = concat([decoded["train"]] + [fb["train"]] * repeat, classes, size)
+    train = concat([decoded["train"]] + [fb["train"]] * repeat + [fb["once"]], classes, size)
     val_set = concat([decoded["val"], fb["val"]], classes, size)
     counts = {"original": {k: (len(v) if v is not None else 0) for k, v in decoded.items()},
-              "feedback": {k: len(v) for k, v in fb.items()}, "feedback_repeat": repeat,
+              "feedback": {k: len(v) for k, v in fb.items() if k != "once"}, "feedback_repeat": repeat,
+              # Flagged by the label check: left out, or (downweight) trained on once.
+              "suspect_labels": {"set_aside": set_aside, "trained_once": len(fb["once"])},
               "skipped_images": len(skipped),
               # Feedback on predictions whose image was not stored: reported, since no retrain can use it.
               "feedback_without_image": log.feedback_without_image()}

@@ -15,6 +15,7 @@ from rich.console import Console
 from exporters.model_store.bundle import read_bundle
 from exporters.errors import AliasMoved
 from exporters.prediction_log.records import PredictionLog
+from exporters.prediction_log.review_queue import ReviewQueue
 from exporters.prediction_log.sql import open_prediction_log
 from exporters.model_store.registry import Registry
 from exporters.storage import Store, open_store
@@ -25,6 +26,7 @@ from training.errors import TrainingError
 from training.retrain import audit
 from training.retrain.challenger import train_challenger, warm_start_config
 from training.retrain.dataset import FeedbackShares, build_retrain_data, latest_labels, read_original_splits
+from training.retrain.label_check import LabelCheck, check_labels
 from training.retrain.gate import holdout_from, promotion_verdict, score_bundle
 from training.retrain.lock import StoreLock
 from training.retrain.policy import PolicyThresholds, decide, state_from_history
@@ -128,6 +130,18 @@ def _pass(run: RetrainPass, force: bool) -> dict:
     return _finish(run, record)
 
 
+def _check_labels(run: RetrainPass, classes: list[str]) -> LabelCheck:
+    """Confident learning on the labeled predictions; flagged ones go back to the review queue whatever the policy."""
+    queue = ReviewQueue(run.log)
+    result = check_labels(run.log.labeled_predictions(), classes, run.settings.label_check, trusted=queue.second_looks())
+    queue.send_back(result.flagged_ids)
+    run.console.print(f"  {result.summary()}", highlight=False, soft_wrap=True)
+    for f in result.to_json()["examples"][:5]:
+        run.console.print(f"    {f['prediction_id']}: labeled {f['label']!r}, looks like {f['suggested']!r} "
+                          f"(p(label) {f['label_probability']:.2f})", highlight=False)
+    return result
+
+
 def _finish(run: RetrainPass, record: dict) -> dict:
     record["seconds"] = round(time.perf_counter() - run.started, 1)
     return audit.append_decision(run.store, record)
@@ -141,8 +155,10 @@ def _retrain(run: RetrainPass, check: DriftCheck) -> dict:
     original = read_original_splits(bundle.retrain.original_splits, check.reference.labels, settings.original_data)
     cfg = warm_start_config(bundle, settings.epochs, settings.lr_scale, settings.patience, settings.device)
     console.print(f"retraining {champion}: original data + labeled feedback, warm start, at most {cfg.epochs} epochs")
+    labels_checked = _check_labels(run, check.reference.labels)
     shares = FeedbackShares(settings.feedback_holdout, settings.feedback_val, settings.feedback_weight)
-    data = build_retrain_data(original, run.log, check.reference.labels, bundle.policy.resize_size, work / "feedback-images", shares)
+    data = build_retrain_data(original, run.log, check.reference.labels, bundle.policy.resize_size, work / "feedback-images", shares,
+                              suspect=labels_checked.flagged_images, suspect_policy=settings.label_check)
     console.print(f"  data: {data.counts}", highlight=False)
     run_dir = work / "runs" / f"retrain-{time.strftime('%Y%m%d-%H%M%S')}-{champion}"
     metrics = train_challenger(bundle, data, cfg, run_dir, console, run.show_progress)
@@ -158,7 +174,7 @@ def _retrain(run: RetrainPass, check: DriftCheck) -> dict:
     for reason in reasons:
         console.print(f"  - {reason}", highlight=False)
     outcome = {"challenger": challenger, "run_dir": str(run_dir), "data": data.counts, "evaluation": scores,
-               "verdict": reasons, "best_epoch": metrics["best_epoch"]}
+               "verdict": reasons, "best_epoch": metrics["best_epoch"], "label_check": labels_checked.to_json()}
     if not promote:
         console.print(f"[yellow]kept champion {champion}[/]: the challenger {challenger} is not better enough")
         return {**outcome, "status": "kept_champion", "production": champion}

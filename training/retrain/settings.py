@@ -6,7 +6,7 @@ ConfigMap configures both; the rest are the drift thresholds and the retrain pol
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -44,6 +44,10 @@ class LoopSettings(LogLocations):
     feedback_val: float = Field(0.2, ge=0.0, le=0.9, description="fraction of the remaining feedback used for early stopping")
     feedback_weight: float = Field(0.5, ge=0, le=0.95, description="share of each epoch's training images drawn from feedback "
                                    "(feedback repeated up to it; the original data is always replayed in full)")
+    label_check: Literal["exclude", "keep", "downweight"] = Field(
+        "exclude", description="labels the check before a retrain flags as likely wrong (cleanlab): exclude (out of training "
+        "and the holdout), keep, or downweight (trained on once, not repeated; out of the holdout). All policies send "
+        "them back to the review queue and list them in the audit log")
     promote_margin: float = Field(0.01, ge=0, le=1, description="challenger must beat the champion on the holdout by this (accuracy)")
     test_tolerance: float = Field(0.02, ge=0, le=1, description="and may lose at most this on the original test split")
     device: Device = Field("auto", description=f"{DEVICE_CHOICES}; also the challenger's training device")
