@@ -7,6 +7,8 @@ the queue from the served model's predictions when it runs low, and counts what 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 import mimetypes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -68,6 +70,7 @@ class ReviewDesk:
         """`runtime`: the service.runtime.ServingRuntime that owns this desk (its log, models, metrics)."""
         self.rt = runtime
         self.queue = ReviewQueue(runtime.log)
+        self._refilled_at = -math.inf
 
     @property
     def settings(self):
@@ -85,10 +88,15 @@ class ReviewDesk:
                 "top_k": [{"label": labels[j], "probability": probs[j]} for j in order if j < len(labels)],
                 "reason": item.reason, "strategy": item.strategy, "answered_label": rec.feedback_label}
 
-    def _refill_if_low(self, count: int) -> None:
+    def _refill(self, count: int) -> None:
+        """Queue traffic that arrived since the last refill. Not only when the queue runs low: a queue
+        still holding yesterday's leftovers would otherwise never show a reviewer today's shifted images.
+        Throttled, since the candidate query reads the newest predictions of the served model."""
         model = self.rt.models.current
-        if model is None or self.queue.state().waiting >= count:
+        now = time.monotonic()
+        if model is None or (now - self._refilled_at < self.settings.review_refill_s and self.queue.state().waiting >= count):
             return
+        self._refilled_at = now
         reference = model.reference.embeddings_sample
         self.queue.refill(model.version, self.settings.review_strategy, model.calibration, reference,
                           self.settings.review_pool)
@@ -100,7 +108,7 @@ class ReviewDesk:
 
     async def next(self, body: NextIn) -> dict:
         def work():
-            self._refill_if_low(body.count)
+            self._refill(body.count)
             items, expired = self.queue.lease(body.reviewer, body.count, self.settings.review_lease_s)
             return items, expired, self._state()
 

@@ -44,7 +44,9 @@ class ServiceSettings(LogLocations):
     review_strategy: Literal["margin", "entropy", "novelty", "random"] = Field(
         "margin", description="acquisition strategy ranking the review queue (abstained answers always first)")
     review_lease_s: float = Field(300.0, ge=5.0, le=86_400, description="seconds a reviewer holds the items handed out")
-    review_pool: int = Field(2000, ge=10, le=100_000, description="newest unlabeled predictions scored when the queue runs low")
+    review_pool: int = Field(2000, ge=10, le=100_000, description="newest unlabeled predictions scored when the queue refills")
+    review_refill_s: float = Field(10.0, ge=0.0, le=86_400, description="a reviewer's call refills the queue with traffic "
+                                   "that arrived since, at most this often per replica (and whenever it runs low)")
     # Abstention: an answer says `abstained: true` (still with its top answers and set) when its
     # calibrated confidence is below this, or its prediction set is larger than that. Unset: the
     # bundle's own rule (`cnnloop train --target-accuracy` / `--max-set-size`); 0 turns a part off.

@@ -32,7 +32,7 @@ def replicas(published_model, postgres_server, tmp_path_factory):
         running = []
         for i in range(2):
             env = service_env(published_model.registry, tmp / "data", log_url=log_url, api_token=TOKEN,
-                              log_flush_interval_ms=50, review_lease_s=120)
+                              log_flush_interval_ms=50, review_lease_s=120, review_refill_s=0)
             env["CNNLOOP_BUNDLE_CACHE_DIR"] = str(tmp / f"bundles-{i}")
             running.append(stack.enter_context(serve(env, tmp / f"r{i}.log")))
         clients = [stack.enter_context(r.client(headers=AUTH)) for r in running]
@@ -162,3 +162,20 @@ def test_the_spec_lists_the_review_routes_under_the_token(replicas):
         operation = next(iter(spec["paths"][path].values()))
         assert len(operation["security"]) == 1 and operation["security"][0], path  # the token is required
     assert json.dumps(spec["paths"]["/review/answer"]["post"]["responses"]["409"])
+
+
+def test_traffic_that_arrives_while_items_wait_is_queued_at_the_next_call(replicas, published_model):
+    """The queue is not only refilled when it runs low: leftovers of old traffic must not hide new images."""
+    clients, log_url, _ = replicas
+
+    def queued(state: dict) -> int:
+        return state["waiting"] + state["leased"] + state["labeled"] + state["skipped"]
+
+    before = clients[0].get("/review/state").json()
+    assert before["waiting"] >= 1, "the queue must not be low for this test to mean anything"
+    paths = _images(published_model, 48)[40:]
+    r = clients[0].post("/predict", files=[("images", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    assert r.status_code == 200, r.text
+    _wait_for_rows(log_url, "SELECT count(*) FROM predictions", 48)
+    body = clients[1].post("/review/next", json={"reviewer": "dave", "count": 1}).json()
+    assert queued(body["state"]) == queued(before) + len(paths)
