@@ -19,7 +19,14 @@ if s["clean_accuracy"]["after"] < s["clean_accuracy"]["before"] - 0.05:
     problems.append("clean accuracy fell by more than 5 points")
 if s["checks"][0]["outcome"] != "skipped":
     problems.append(f"the check on clean traffic retrained ({s['checks'][0]['decision']['reasons']})")
-print(json.dumps({k: s[k] for k in ("versions", "drift_detected", "promoted", "shifted_accuracy", "clean_accuracy", "timings_s")}))
+# The labels came through the review queue, within the budget: not one per shifted image as before.
+labels = s["labels"]
+for stream in ("clean", "shifted"):
+    got = labels[stream]
+    if not 0 < got["labeled"] <= round(labels["budget"] * got["of"]) or got["labeled"] >= got["of"] and labels["budget"] < 1:
+        problems.append(f"{stream}: {got['labeled']} of {got['of']} images labeled through the queue, budget {labels['budget']}")
+print(json.dumps({k: s[k] for k in ("versions", "drift_detected", "promoted", "shifted_accuracy", "clean_accuracy",
+                                    "labels", "timings_s")}))
 if problems:
     sys.exit("demo loop check failed: " + "; ".join(problems))
 print("demo loop check passed")

@@ -67,3 +67,26 @@ def test_history_gives_last_retrain_and_ignores_other_models_severity():
     ]
     assert state_from_history(history, "v2") == PolicyState(last_severity=0.0, last_retrain_at=1.0)
     assert state_from_history(history, "v3").last_severity is None
+
+
+def test_a_few_held_out_labels_of_the_new_traffic_weigh_as_much_as_the_original_test_split():
+    """At a small label budget: 9 held-out labels beside 161 original test images. The challenger fixes
+    3 of the champion's 4 mistakes on the new traffic and loses 2 of 161 on the old: pooled that is
+    +0.006, under the margin; each source weighing half, it is promoted."""
+    import numpy as np
+
+    from training.retrain.gate import accuracy_by_source, promotion_verdict
+
+    source = np.array(["original_test"] * 161 + ["feedback"] * 9)
+    champion = np.ones(170, dtype=bool)
+    champion[161:165] = False
+    challenger = np.ones(170, dtype=bool)
+    challenger[[0, 1, 161]] = False
+    scores = [accuracy_by_source(c, source) for c in (champion, challenger)]
+    assert scores[1]["holdout"]["pooled_accuracy"] - scores[0]["holdout"]["pooled_accuracy"] < 0.01
+    promote, reasons = promotion_verdict(scores[0], scores[1], margin=0.01, tolerance=0.02)
+    assert promote, reasons
+    # and a challenger that only trades old accuracy for new beyond the tolerance is still kept out
+    worse_old = challenger.copy()
+    worse_old[2:6] = False
+    assert not promotion_verdict(scores[0], accuracy_by_source(worse_old, source), margin=0.01, tolerance=0.02)[0]

@@ -1,10 +1,12 @@
 """The demo's loop, on data every machine has (scikit-learn's real handwritten digits).
 
-digits -> fine-tune -> export -> serve (real `bentoml serve`) -> predictions + feedback -> shifted
-traffic (inverted digits, true labels as feedback) -> drift report -> retrain -> promote -> the
-service swaps -> accuracy on the shifted traffic recovers. 40% of the digits never reach training:
-they are the traffic, split into streams that send feedback and evaluation sets that never do,
-so "after" is measured on images no model was trained on.
+digits -> fine-tune -> export -> serve (real `bentoml serve`) -> predictions -> a reviewer labels a
+budget of them through the review queue -> shifted traffic (inverted digits), labeled the same way
+-> drift report -> retrain -> promote -> the service swaps -> accuracy on the shifted traffic
+recovers. 40% of the digits never reach training: they are the traffic, split into streams that
+the reviewer may label and evaluation sets that never are, so "after" is measured on images no
+model was trained on. The reviewer labels each stream right after it is served, before the
+evaluation images are sent; evaluation images the queue offers later are skipped.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from exporters.model_store.registry import Registry
 from training.config import load_train_config
 from training.data.sources import discover
 from training.demo.service_process import start_service
-from training.demo.traffic import send_images, split_pool, wait_for_version, wait_until_logged
+from training.demo.traffic import review_labels, send_images, split_pool, wait_for_version, wait_until_logged
 from training.data.digits import write_digits
 from training.run.publish import publish_run
 from training.retrain.job import drift_check, report_summary, retrain_once
@@ -30,8 +32,10 @@ from training.train import train
 # 64 px keeps training to about a minute on two CPU cores; flips would turn digits into other glyphs.
 DEMO_RECIPE = {"image_size": 64, "hflip": False, "strategy": "finetune", "epochs": 4, "lr": 3e-3, "patience": 3}
 TRAFFIC_SHARE = 0.4
-# Shares of the traffic pool. Streams send feedback (and so become training data); eval sets never do.
+# Shares of the traffic pool. Streams may be labeled (and so become training data); eval sets never are.
 POOL = {"clean_stream": 0.2, "clean_eval": 0.15, "shifted_stream": 0.4, "shifted_eval": 0.25}
+# Share of each stream a reviewer labels through the review queue (`cnnloop demo --label-budget`).
+LABEL_BUDGET = 0.25
 
 
 def prepare_digits(work_dir: Path, console: Console) -> tuple[Path, object]:
@@ -51,7 +55,7 @@ def prepare_digits(work_dir: Path, console: Console) -> tuple[Path, object]:
     return train_dir, files.subset(held)
 
 
-def run_demo(work_dir: Path, console: Console, show_progress: bool = True) -> dict:
+def run_demo(work_dir: Path, console: Console, show_progress: bool = True, label_budget: float = LABEL_BUDGET) -> dict:
     work_dir = Path(work_dir)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
@@ -73,11 +77,12 @@ def run_demo(work_dir: Path, console: Console, show_progress: bool = True) -> di
 
     console.rule("3. serve it (bentoml serve) and send traffic")
     t = time.perf_counter()
-    service = start_service({"registry": registry_dir.resolve(), "data_dir": data_dir.resolve(), "poll_interval_s": 2},
-                            session / "service.log")
+    # review_refill_s 0: the reviewer's first call after a stream queues it, however fast the demo moves.
+    service = start_service({"registry": registry_dir.resolve(), "data_dir": data_dir.resolve(), "poll_interval_s": 2,
+                             "review_refill_s": 0}, session / "service.log")
     timings["service_start_s"] = time.perf_counter() - t
     try:
-        summary = _loop(session, service, registry, before, pool, metrics, timings, t_all, console, show_progress)
+        summary = _loop(session, service, registry, before, pool, metrics, timings, t_all, console, show_progress, label_budget)
     finally:
         service.stop()
     # Always on disk, so a script (or CI) can check the loop closed without asking for --json.
@@ -85,28 +90,44 @@ def run_demo(work_dir: Path, console: Console, show_progress: bool = True) -> di
     return summary
 
 
-def _loop(session, service, registry, before, pool, train_metrics, timings, t_all, console, show_progress) -> dict:
+def _loop(session, service, registry, before, pool, train_metrics, timings, t_all, console, show_progress, label_budget) -> dict:
     parts = split_pool(len(pool), POOL, seed=1)
     subset = {name: ([pool.paths[i] for i in idx], [pool.classes[pool.labels[i]] for i in idx]) for name, idx in parts.items()}
+    truth = {f"{Path(p).stem}.png": label for paths, labels in subset.values() for p, label in zip(paths, labels)}
+    reserved = {f"{Path(p).stem}.png" for name in ("clean_eval", "shifted_eval") for p in subset[name][0]}
     # A window the size of one check's traffic, so each check sees only what came since the last.
     window = len(parts["clean_stream"]) + len(parts["clean_eval"])
     settings = LoopSettings(registry=str(session / "registry"), data_dir=str(session / "service-data"),
                             work_dir=session / "retrain", window=window, min_samples=100, min_new_labels=50,
                             cooldown_s=0, permutations=300, epochs=6, variants="int8")
+    labels: dict[str, dict] = {}
     with service.client() as client:
-        clean_stream = send_images(client, *subset["clean_stream"], invert=False, feedback=True)
+
+        def review(stream: str, served) -> None:
+            wait_until_logged(client)  # the queue is filled from the log
+            budget = max(1, round(label_budget * served.n))
+            done = review_labels(client, truth, budget, reserved)
+            labels[stream] = {"budget": budget, "labeled": done.labeled, "of": served.n, "skipped_eval": done.skipped,
+                              "model_was_right": done.correct_before}
+            console.print(f"reviewer: {done.labeled} of {served.n} {stream} images labeled through the review queue "
+                          f"(the model had {done.correct_before} of them right; queue strategy "
+                          f"{client.get('/review/state').json()['strategy']})", highlight=False)
+
+        clean_stream = send_images(client, *subset["clean_stream"], invert=False, feedback=False)
+        review("clean", clean_stream)
         clean_before = send_images(client, *subset["clean_eval"], invert=False, feedback=False)
-        console.print(f"clean traffic: {clean_stream.n} predictions with feedback (accuracy {clean_stream.accuracy:.3f}), "
+        console.print(f"clean traffic: {clean_stream.n} predictions (accuracy {clean_stream.accuracy:.3f}), "
                       f"{clean_before.n} evaluation images (accuracy {clean_before.accuracy:.3f})")
 
         wait_until_logged(client)
         console.rule("4. retrain check on clean traffic (expect: no drift, no retrain)")
         first = retrain_once(settings, console, show_progress=show_progress)
 
-        console.rule("5. the traffic shifts: inverted digits, true labels come back as feedback")
-        shifted_stream = send_images(client, *subset["shifted_stream"], invert=True, feedback=True)
+        console.rule(f"5. the traffic shifts: inverted digits; a reviewer labels {label_budget:.0%} of it through the review queue")
+        shifted_stream = send_images(client, *subset["shifted_stream"], invert=True, feedback=False)
+        review("shifted", shifted_stream)
         shifted_before = send_images(client, *subset["shifted_eval"], invert=True, feedback=False)
-        console.print(f"shifted traffic: {shifted_stream.n} predictions with feedback (accuracy {shifted_stream.accuracy:.3f}), "
+        console.print(f"shifted traffic: {shifted_stream.n} predictions (accuracy {shifted_stream.accuracy:.3f}), "
                       f"{shifted_before.n} evaluation images (accuracy {shifted_before.accuracy:.3f})")
 
         wait_until_logged(client)
@@ -146,6 +167,7 @@ def _loop(session, service, registry, before, pool, train_metrics, timings, t_al
         "clean_accuracy": {"before": clean_before.accuracy, "after": clean_after.accuracy, "n": clean_before.n},
         "served_by": {"before": shifted_before.versions, "after": shifted_after.versions},
         "drift": report_summary(report) | {"tests": {k: v["p_value"] for k, v in report.get("tests", {}).items()}},
+        "labels": {"budget": label_budget, **labels},
         "checks": [{"decision": c["decision"], "outcome": c["outcome"]["status"]} for c in (first, second)],
         "retrain": {k: outcome.get(k) for k in ("status", "challenger", "evaluation", "verdict", "data", "best_epoch")},
         "train": {s: {k: train_metrics[s][k] for k in ("n", "accuracy", "macro_f1")} for s in ("val", "test")},

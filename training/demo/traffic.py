@@ -1,4 +1,5 @@
-"""The demo's clients: real images over real HTTP to the running service, with true labels as feedback.
+"""The demo's clients: real images over real HTTP to the running service, and a reviewer who labels what
+the review queue hands out (the true label: a careful person).
 
 The shift is inverted digits (light ink on dark paper): the kind of change a new scanner brings,
 which a model trained on dark-on-light scans gets mostly wrong.
@@ -87,3 +88,36 @@ def split_pool(n: int, sizes: dict[str, float], seed: int) -> dict[str, np.ndarr
         out[name] = np.sort(order[start:start + k])
         start += k
     return out
+
+
+@dataclass
+class ReviewResult:
+    labeled: int
+    skipped: int  # evaluation images the queue offered: never labeled, so no model trains on them
+    correct_before: int  # of the labeled, how many the model had right (the queue should pick its mistakes)
+
+
+def review_labels(client: httpx.Client, truth: dict[str, str], budget: int, reserved: set[str],
+                  reviewer: str = "demo-reviewer", batch: int = 10) -> ReviewResult:
+    """Label `budget` images through the review queue (POST /review/next, /review/answer), the true label
+    looked up by the uploaded filename. Images in `reserved` (evaluation sets) are skipped."""
+    labeled = skipped = correct = 0
+    while labeled < budget:
+        body = client.post("/review/next", json={"reviewer": reviewer, "count": min(batch, budget - labeled)})
+        body.raise_for_status()
+        items = body.json()["items"]
+        if not items:
+            break
+        lease = body.json()["lease_id"]
+        for item in items:
+            name = item["filename"]
+            if name in reserved or name not in truth:
+                client.post("/review/answer", json={"lease_id": lease, "prediction_id": item["prediction_id"],
+                                                    "skip": True}).raise_for_status()
+                skipped += name in reserved
+                continue
+            client.post("/review/answer", json={"lease_id": lease, "prediction_id": item["prediction_id"],
+                                                "label": truth[name]}).raise_for_status()
+            labeled += 1
+            correct += item["predicted_label"] == truth[name]
+    return ReviewResult(labeled, skipped, correct)

@@ -1,7 +1,7 @@
 """Champion vs challenger on the same holdout, through the exported graphs (what would really serve).
 
-The promotion rule is pure: the challenger must beat the champion on the holdout (original test
-split + held-out feedback) by a margin, and may not lose more than a tolerance on the original
+The promotion rule is pure: the challenger must beat the champion on the holdout (the mean of its
+accuracies on the original test split and on the held-out labeled traffic) by a margin, and may not lose more than a tolerance on the original
 test split alone, so a model that learns the new traffic by forgetting the old is kept out.
 """
 from __future__ import annotations
@@ -39,11 +39,22 @@ def score_bundle(bundle_dir: Path, holdout: Holdout) -> dict:
     if bundle.policy != holdout.policy:
         raise ValueError(f"bundle {bundle.version} preprocesses as {bundle.policy}, the holdout as {holdout.policy}")
     pred = model.predict(holdout.images)[0].argmax(1) if len(holdout.images) else np.zeros(0, np.int64)
-    correct = pred == holdout.labels
-    out = {"version": bundle.version, "holdout": {"n": int(len(correct)), "accuracy": float(correct.mean()) if len(correct) else None}}
+    return {"version": bundle.version, **accuracy_by_source(pred == holdout.labels, holdout.source)}
+
+
+def accuracy_by_source(correct: np.ndarray, source: np.ndarray) -> dict:
+    """Accuracy on the original test split, on the held-out labeled traffic, and the holdout's score."""
+    out = {}
     for name in ("original_test", "feedback"):
-        mask = holdout.source == name
+        mask = source == name
         out[name] = {"n": int(mask.sum()), "accuracy": float(correct[mask].mean()) if mask.any() else None}
+    # Each source weighs half, whatever its size: when labels are scarce a few dozen held-out labels of
+    # the new traffic sit beside a 160-image original test split, and pooled they could not move the
+    # score by the promotion margin (the label-budget benchmark saw challengers +0.10 on the shifted
+    # test set kept out at a 10% budget).
+    parts = [out[name]["accuracy"] for name in ("original_test", "feedback") if out[name]["accuracy"] is not None]
+    out["holdout"] = {"n": int(len(correct)), "accuracy": float(np.mean(parts)) if parts else None,
+                      "pooled_accuracy": float(correct.mean()) if len(correct) else None}
     return out
 
 
@@ -53,7 +64,8 @@ def promotion_verdict(champion: dict, challenger: dict, margin: float, tolerance
         return False, ["no holdout images to judge the models on: keep the champion"]
     reasons = []
     better = cl >= ch + margin
-    reasons.append(f"holdout accuracy {cl:.4f} vs champion {ch:.4f} ({'+' if cl >= ch else ''}{cl - ch:.4f}; "
+    reasons.append(f"holdout accuracy (mean of original test and held-out labels) {cl:.4f} vs champion {ch:.4f} "
+                   f"({'+' if cl >= ch else ''}{cl - ch:.4f}; "
                    f"{'meets' if better else 'misses'} the +{margin} margin)")
     ok_test = True
     t_ch, t_cl = champion["original_test"]["accuracy"], challenger["original_test"]["accuracy"]
