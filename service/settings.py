@@ -42,7 +42,8 @@ class ServiceSettings(LogLocations):
     # The review queue (/review): which unlabeled predictions people see first, and for how long a
     # reviewer holds the items handed to them before they return to the queue.
     review_strategy: Literal["margin", "entropy", "novelty", "random"] = Field(
-        "margin", description="acquisition strategy ranking the review queue (abstained answers always first)")
+        "random", description="acquisition strategy ranking the review queue (abstained answers always first); random "
+        "by measurement: no other strategy beat it per label spent (bench/label_budget.py)")
     review_lease_s: float = Field(300.0, ge=5.0, le=86_400, description="seconds a reviewer holds the items handed out")
     review_pool: int = Field(2000, ge=10, le=100_000, description="newest unlabeled predictions scored when the queue refills")
     review_refill_s: float = Field(10.0, ge=0.0, le=86_400, description="a reviewer's call refills the queue with traffic "

@@ -20,3 +20,28 @@ def test_the_accurate_and_default_recipe_figures_match_their_results_files():
     for name in ("hymenoptera_quality_lite2.json", "hymenoptera_quality.json"):
         measured = json.loads(ROOT.joinpath("bench/results", name).read_text())["test_accuracy"]["mean"]
         assert quoted_percent_beside(name) == round(100 * measured, 1), name
+
+
+def label_budget_medians(shift: str = "digits") -> dict[str, dict[float, float]]:
+    """strategy -> budget share -> median (over seeds) shifted-test accuracy of what served after the pass."""
+    import statistics
+
+    cells = json.loads(ROOT.joinpath("bench/results/label_budget.json").read_text())["cells"]
+    by: dict[str, dict[float, list[float]]] = {}
+    for c in cells:
+        if c["shift"] == shift and not c.get("flip") and c["strategy"] not in ("before", "all") and c["budget_share"] < 1:
+            by.setdefault(c["strategy"], {}).setdefault(float(c["budget_share"]), []).append(c["production_accuracy"])
+    return {s: {b: statistics.median(v) for b, v in budgets.items()} for s, budgets in by.items()}
+
+
+def test_the_default_review_strategy_is_the_one_the_label_budget_benchmark_shows_best():
+    """The service's default is the strategy with the best mean over the measured budgets (median of
+    seeds) on the digits shift, where the loop recovers; the README quotes its 10% figure."""
+    from service.settings import ServiceSettings
+
+    medians = label_budget_medians()
+    assert {"random", "margin", "entropy", "novelty"} <= set(medians)
+    best = max(medians, key=lambda s: sum(medians[s].values()) / len(medians[s]))
+    default = ServiceSettings.model_fields["review_strategy"].default
+    assert default == best, {s: round(sum(m.values()) / len(m), 4) for s, m in medians.items()}
+    assert quoted_percent_beside("label_budget.json") == round(100 * medians[best][0.1], 1)
