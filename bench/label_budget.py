@@ -413,8 +413,11 @@ def render(cells: list[dict], md_path: Path, png_path: Path | None) -> str:
                              f"~{need:.0f} labels ({ratio:.1f}x; linear between its median points)")
                     lines.append(f"\nBest non-random strategy at 10%: **{best[0]}** ({_fmt(best[1][2])} with {best[1][1]:.0f} labels). "
                                  f"Random sampling's median curve reaches that accuracy at {where}.")
-                if "margin" in gains:
-                    lines.append(f"Default strategy (margin) recovers {_fmt(gains['margin'], 2)} of the 100% gain at 10% "
+                from service.settings import ServiceSettings
+
+                default = ServiceSettings.model_fields["review_strategy"].default
+                if default in gains:
+                    lines.append(f"Default strategy ({default}) recovers {_fmt(gains[default], 2)} of the 100% gain at 10% "
                                  f"(target >= 0.90).")
                 if flip > 0 or check:
                     fc = [c for c in mine if c["strategy"] != "before"]
