@@ -87,6 +87,10 @@ def test_classes_too_small_to_judge_are_unchecked_and_a_bad_policy_is_refused():
     lone = [r for r in records if r.feedback_label != "c"] + [next(r for r in records if r.feedback_label == "c")]
     result = check_labels(lone, CLASSES, "exclude")
     assert result.unchecked == 1 and result.checked == len(lone) - 1
+    # every class under the minimum (a forced retrain on a handful of labels): nothing to check, no crash
+    handful = [r for r in records if r.feedback_label != "c"][:8]
+    none = check_labels(handful, CLASSES, "exclude")
+    assert none.checked == 0 and none.unchecked == len(handful) and "nothing checked" in none.summary()
     with pytest.raises(ValueError, match="exclude"):
         check_labels(records, CLASSES, "drop")
 

@@ -131,12 +131,11 @@ def logged_probabilities(group: list[PredictionRecord]) -> np.ndarray:
 
 def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray | None, str]:
     """(out-of-fold probabilities of the probe, "probe+logged"), or (None, why not)."""
-    logged = logged_probabilities(group)
+    if len(group) < MIN_PROBE_LABELS:
+        return None, f"not checked: {len(group)} labels in classes with {MIN_PROBE_PER_CLASS} or more, the probe needs {MIN_PROBE_LABELS}"
     counts = np.bincount(labels, minlength=k)
     present = counts[counts > 0]
     embeddings = [decode_embedding(r.embedding) for r in group]
-    if len(group) < MIN_PROBE_LABELS:
-        return None, f"not checked: {len(group)} labels in classes with {MIN_PROBE_PER_CLASS} or more, the probe needs {MIN_PROBE_LABELS}"
     if len(present) < 2:
         return None, f"not checked: fewer than 2 classes have {MIN_PROBE_PER_CLASS} labels or more"
     if any(e is None for e in embeddings) or len({e.shape for e in embeddings}) != 1:
@@ -146,7 +145,7 @@ def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, k: int, se
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features = np.hstack([np.stack(embeddings).astype(np.float64), np.log(logged)])
+    features = np.hstack([np.stack(embeddings).astype(np.float64), np.log(logged_probabilities(group))])
     folds = StratifiedKFold(n_splits=min(FOLDS, int(present.min())), shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=3000))
     cols = np.flatnonzero(counts > 0)  # the probe only knows classes it saw labeled
