@@ -197,10 +197,19 @@ def _mid_trial(out: Path) -> bool:
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "sigterm"])
 def test_a_stop_signal_stops_cleanly_and_the_same_command_resumes(digits, tmp_path, stop):
     out = tmp_path / "out"
-    args = [*CLI, digits, "--trials", 3, "--pruner", "none", "--out", out, *FAST, "--epochs", 6]
+    # 12 epochs: each trial runs for seconds, so the poll (which opens the study's SQLite, sometimes
+    # locked by the writer) cannot miss every trial's running window; with 6 a full-suite run did once.
+    args = [*CLI, digits, "--trials", 3, "--pruner", "none", "--out", out, *FAST, "--epochs", 12]
     proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: _mid_trial(out), 300, "a trial after the first to report an epoch")
+        try:
+            _wait_for(lambda: _mid_trial(out), 300, "a trial after the first to report an epoch")
+        except AssertionError as e:  # say what the tune was doing: finished, failed, or stuck
+            proc.kill()
+            _, err = proc.communicate(timeout=60)
+            raise AssertionError(f"{e}; tune exit {proc.returncode}, trials "
+                                 f"{[t.state.name for t in load(out).trials] if (out / 'study.db').exists() else 'none'}; "
+                                 f"stderr tail: {err[-1500:]}") from None
         proc.send_signal(stop)
         _, err = proc.communicate(timeout=120)
     finally:
