@@ -51,11 +51,11 @@ def measure(records, classes: list[str], share: float, seed: int) -> dict[str, d
     labels = np.array([index[r.feedback_label] for r in noisy])
     judged = label_check.judged_mask(labels, len(classes))  # as the job does: classes with too few labels unchecked
     noisy, labels, flipped = [r for r, j in zip(noisy, judged) if j], labels[judged], flipped[judged]
-    probe, method = label_check._out_of_sample(noisy, labels, len(classes), seed)
+    logged = label_check.logged_probabilities(noisy, len(classes))
+    probe, method = label_check._out_of_sample(noisy, labels, logged, seed)
     if probe is None:
         sys.exit(f"the probe cannot run on this log: {method}")
-    logged = label_check.logged_probabilities(noisy)
-    flags = {"probe": label_check._find_issues(labels, probe)[0], "logged": label_check._find_issues(labels, logged)[0]}
+    flags = {"probe": label_check._find_issues(labels, probe), "logged": label_check._find_issues(labels, logged)}
     flags["both"] = flags["probe"] & flags["logged"]
     out = {}
     for name, f in flags.items():

@@ -18,7 +18,7 @@ from exporters.prediction_log.sql import open_prediction_log
 from tests.training_data import make_digits
 from training.data.sources import LabeledFiles, discover
 from training.retrain.dataset import FeedbackShares, build_retrain_data, labeled_example_role
-from training.retrain.label_check import _find_issues, _out_of_sample, check_labels
+from training.retrain.label_check import _find_issues, _out_of_sample, check_labels, logged_probabilities
 
 CLASSES = ["a", "b", "c"]
 
@@ -61,7 +61,7 @@ def test_the_probe_finds_flipped_labels_where_the_serving_models_probabilities_f
     # too few labels for the probe, nothing is checked rather than that.
     logged = np.array([r.probabilities for r in records])
     labels = np.array([CLASSES.index(r.feedback_label) for r in records])
-    flagged, _ = _find_issues(labels, logged)
+    flagged = _find_issues(labels, logged)
     right_flagged = sum(1 for r, f in zip(records, flagged) if f and r.prediction_id not in flipped)
     assert right_flagged > 3 * len(set(result.flagged_ids) - flipped)
     few = check_labels(records[:30], CLASSES, "exclude")
@@ -152,6 +152,6 @@ def test_a_label_the_serving_model_agrees_with_is_not_flagged_on_the_probe_alone
     result = check_labels(records, CLASSES, "exclude")
     assert not odd_ids & set(result.flagged_ids)
     labels = np.array([CLASSES.index(r.feedback_label) for r in records])
-    probe, _ = _out_of_sample(records, labels, len(CLASSES), 0)
-    probe_flags = {r.prediction_id for r, f in zip(records, _find_issues(labels, probe)[0]) if f}
+    probe, _ = _out_of_sample(records, labels, logged_probabilities(records, len(CLASSES)), 0)
+    probe_flags = {r.prediction_id for r, f in zip(records, _find_issues(labels, probe)) if f}
     assert len(odd_ids & probe_flags) >= 2, "the probe alone must doubt them for this test to mean anything"

@@ -100,17 +100,16 @@ def check_labels(records: list[PredictionRecord], classes: list[str], policy: st
         judged = judged_mask(labels, len(classes))
         result.unchecked += int((~judged).sum())
         group, labels = [r for r, j in zip(group, judged) if j], labels[judged]
-        probs, method = _out_of_sample(group, labels, len(classes), seed)
+        logged = logged_probabilities(group, len(classes))
+        probs, method = _out_of_sample(group, labels, logged, seed)
         result.methods[version] = method
         if probs is None:
             result.unchecked += len(group)
             continue
-        issues, checked = _find_issues(labels, probs)
         # Only what the serving model's logged probabilities flag too: a label the probe doubts but
         # the model that served the image agrees with is not worth a person's second look.
-        issues &= _find_issues(labels, logged_probabilities(group))[0]
-        result.checked += int(checked.sum())
-        result.unchecked += int((~checked).sum())
+        issues = _find_issues(labels, probs) & _find_issues(labels, logged)
+        result.checked += len(group)
         for i in np.flatnonzero(issues):
             rec = group[i]
             result.flagged.append({"prediction_id": rec.prediction_id, "image_sha256": rec.image_sha256,
@@ -124,13 +123,16 @@ def judged_mask(labels: np.ndarray, k: int) -> np.ndarray:
     return np.bincount(labels, minlength=k)[labels] >= MIN_PROBE_PER_CLASS
 
 
-def logged_probabilities(group: list[PredictionRecord]) -> np.ndarray:
-    logged = np.clip(np.array([r.probabilities for r in group], dtype=np.float64), 1e-6, None)
+def logged_probabilities(group: list[PredictionRecord], k: int) -> np.ndarray:
+    logged = np.clip(np.array([r.probabilities for r in group], dtype=np.float64).reshape(len(group), k), 1e-6, None)
     return logged / logged.sum(1, keepdims=True)
 
 
-def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray | None, str]:
-    """(out-of-fold probabilities of the probe, "probe+logged"), or (None, why not)."""
+def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, logged: np.ndarray,
+                   seed: int) -> tuple[np.ndarray | None, str]:
+    """(out-of-fold probabilities of the probe, "probe+logged"), or (None, why not). `labels` are of
+    classes with MIN_PROBE_PER_CLASS labels or more (judged_mask); `logged` is the group's logged probabilities."""
+    k = logged.shape[1]
     if len(group) < MIN_PROBE_LABELS:
         return None, f"not checked: {len(group)} labels in classes with {MIN_PROBE_PER_CLASS} or more, the probe needs {MIN_PROBE_LABELS}"
     counts = np.bincount(labels, minlength=k)
@@ -145,7 +147,7 @@ def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, k: int, se
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    features = np.hstack([np.stack(embeddings).astype(np.float64), np.log(logged_probabilities(group))])
+    features = np.hstack([np.stack(embeddings).astype(np.float64), np.log(logged)])
     folds = StratifiedKFold(n_splits=min(FOLDS, int(present.min())), shuffle=True, random_state=seed)
     probe = make_pipeline(StandardScaler(), LogisticRegression(C=PROBE_C, max_iter=3000))
     cols = np.flatnonzero(counts > 0)  # the probe only knows classes it saw labeled
@@ -155,19 +157,11 @@ def _out_of_sample(group: list[PredictionRecord], labels: np.ndarray, k: int, se
     return out, "probe+logged"
 
 
-def _find_issues(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(flagged, checked) masks. Classes with fewer than 2 labels cannot be judged: unchecked."""
+def _find_issues(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """cleanlab's flags, on the columns of the classes that have labels (renormalised)."""
     from cleanlab.filter import find_label_issues
 
-    counts = np.bincount(labels, minlength=probs.shape[1])
-    checked = counts[labels] >= 2
-    cols = np.flatnonzero(counts >= 2)
-    flagged = np.zeros(len(labels), dtype=bool)
-    if len(cols) < 2 or checked.sum() < 4:
-        return flagged, np.zeros(len(labels), dtype=bool)
-    sub = probs[checked][:, cols]
-    sub = np.clip(sub, 1e-9, None)
+    cols = np.flatnonzero(np.bincount(labels, minlength=probs.shape[1]))
+    sub = np.clip(probs[:, cols], 1e-9, None)
     sub /= sub.sum(1, keepdims=True)
-    local = np.searchsorted(cols, labels[checked])
-    flagged[np.flatnonzero(checked)] = find_label_issues(local, sub, filter_by=FILTER_BY)
-    return flagged, checked
+    return find_label_issues(np.searchsorted(cols, labels), sub, filter_by=FILTER_BY)
