@@ -42,13 +42,15 @@ class AdaptiveBatcher:
     """Queue of single images -> batched `model.run` calls on one inference thread."""
 
     def __init__(self, max_batch_size: int, max_latency_ms: float,
-                 on_batch: Callable[[int, float], Any] | None = None, concurrent_batches: int = 1):
+                 on_batch: Callable[[int, float], Any] | None = None, concurrent_batches: int = 1,
+                 thread_initializer: Callable[[], None] | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.max_latency_s = max(0.0, max_latency_ms) / 1000.0
         self._on_batch = on_batch or (lambda size, seconds: None)
-        self._executor = ThreadPoolExecutor(max_workers=concurrent_batches, thread_name_prefix="cnnloop-infer")
+        self._executor = ThreadPoolExecutor(max_workers=concurrent_batches, thread_name_prefix="cnnloop-infer",
+                                            initializer=thread_initializer)
         self._slots = asyncio.Semaphore(concurrent_batches)
         self._queue: asyncio.Queue[_Item] | None = None
         self._carry: collections.deque[_Item] = collections.deque()

@@ -31,7 +31,11 @@ endpoint = endpoint_answering(error_response)
 async def predict(request: Request, rt: ServingRuntime) -> Response:
     require_bearer(request.headers.get("authorization"), rt.settings.predict_token, "/predict")
     uploads = await read_image_uploads(request, rt.settings.max_files)
-    return JSONResponse(await rt.predict(uploads))
+    body = await rt.predict(uploads)
+    clock = rt.cpu.clock()
+    response = JSONResponse(body)
+    clock.lap("loop.json_encode")
+    return response
 
 
 @endpoint

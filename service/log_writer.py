@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 from exporters.prediction_log.records import PredictionLog, PredictionRecord
 
@@ -36,15 +37,21 @@ _RECENT_IMAGES = 50_000  # hashes remembered as stored (about 7 MB)
 _WARNING_EVERY_S = 10.0
 
 
+# An image to store: its bytes, or a function the writer's threads call for them (an encode kept off
+# the request path).
+StoredImage = bytes | Callable[[], bytes]
+
+
 @dataclass
 class _Entry:
     records: list[PredictionRecord]
-    images: list[tuple[str, bytes]]
+    images: list[tuple[str, StoredImage]]
 
 
 class LogWriter:
     def __init__(self, prediction_log: PredictionLog, metrics, capacity: int, batch_size: int,
-                 flush_interval_s: float, image_threads: int = 4):
+                 flush_interval_s: float, image_threads: int = 4,
+                 register_thread: Callable[[str], None] = lambda role: None):
         self.log = prediction_log
         self.metrics = metrics
         self.capacity = capacity
@@ -61,7 +68,9 @@ class LogWriter:
         self._written_seq = 0  # entries committed so far, in submission order
         self._submitted_seq = 0
         self._recent_images: OrderedDict[str, None] = OrderedDict()
-        self._image_pool = ThreadPoolExecutor(image_threads, thread_name_prefix="cnnloop-log-images")
+        self._register_thread = register_thread
+        self._image_pool = ThreadPoolExecutor(image_threads, thread_name_prefix="cnnloop-log-images",
+                                              initializer=lambda: register_thread("log_images"))
         self._thread: threading.Thread | None = None
         self._images_lock = threading.Lock()  # synchronous mode writes from several request threads
         self._dropped_since_warning = 0
@@ -81,7 +90,7 @@ class LogWriter:
 
     # request side ------------------------------------------------------------------------------
 
-    def submit(self, records: list[PredictionRecord], images: list[tuple[str, bytes]]) -> bool:
+    def submit(self, records: list[PredictionRecord], images: list[tuple[str, StoredImage]]) -> bool:
         """Queue one request's records; False (and counted) when the queue has no room for them."""
         if self.synchronous:
             return self._write_now(records, images)
@@ -173,6 +182,7 @@ class LogWriter:
         return batch
 
     def _run(self) -> None:
+        self._register_thread("log_writer")
         while True:
             with self._cond:
                 batch = self._next_batch()
@@ -195,10 +205,10 @@ class LogWriter:
                 self.metrics.log_queue.set(self._queued)
                 self._cond.notify_all()
 
-    def _store_images(self, images: list[tuple[str, bytes]]) -> None:
+    def _store_images(self, images: list[tuple[str, StoredImage]]) -> None:
         with self._images_lock:
             todo = {sha: data for sha, data in images if sha not in self._recent_images}
-        for future in [self._image_pool.submit(self.log.store_image, sha, data) for sha, data in todo.items()]:
+        for future in [self._image_pool.submit(self._store_one, sha, data) for sha, data in todo.items()]:
             future.result()
         with self._images_lock:
             for sha in todo:
@@ -206,7 +216,10 @@ class LogWriter:
                 if len(self._recent_images) > _RECENT_IMAGES:
                     self._recent_images.popitem(last=False)
 
-    def _write_now(self, records: list[PredictionRecord], images: list[tuple[str, bytes]]) -> bool:
+    def _store_one(self, sha: str, data: StoredImage) -> None:
+        self.log.store_image(sha, data() if callable(data) else data)
+
+    def _write_now(self, records: list[PredictionRecord], images: list[tuple[str, StoredImage]]) -> bool:
         try:
             self._store_images(images)
             self.log.add_predictions(records)

@@ -82,8 +82,16 @@ async def infer(request: Request, rt: ServingRuntime) -> Response:
     body = await request.body()
     parse = functools.partial(oip_request.parse_infer_request, body, request.headers.get(oip.HEADER_LENGTH),
                               rt.settings.max_files)
-    parsed = parse() if len(body) <= _PARSE_INLINE_BYTES else await run_in_threadpool(parse)
-    answer, header_length = oip.encode_infer_response(parsed, await rt.classify(parsed.images, model))
+    if len(body) <= _PARSE_INLINE_BYTES:
+        clock = rt.cpu.clock()
+        parsed = parse()
+        clock.lap("loop.oip_parse")
+    else:
+        parsed = await run_in_threadpool(parse)
+    classified = await rt.classify(parsed.images, model)
+    clock = rt.cpu.clock()
+    answer, header_length = oip.encode_infer_response(parsed, classified)
+    clock.lap("loop.oip_encode")
     if header_length is None:
         return Response(answer, media_type="application/json")
     return Response(answer, media_type="application/octet-stream", headers={oip.HEADER_LENGTH: str(header_length)})

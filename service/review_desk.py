@@ -162,6 +162,8 @@ class ReviewDesk:
 def _sniff(data: bytes) -> str:
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         return "image/png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # how the store keeps OIP pixel images
+        return "image/webp"
     if data[:3] == b"\xff\xd8\xff":
         return "image/jpeg"
     return "application/octet-stream"

@@ -81,6 +81,10 @@ class ServiceSettings(LogLocations):
     trace_requests: bool = Field(False, description="let BentoML's OpenTelemetry middleware trace requests; "
                                  "turn on with BentoML's tracing config (exporter, sample_rate), else it costs CPU for nothing")
 
+    # Off in production: a thread-CPU read at each stage boundary of the request path (GET /info
+    # "cpu"; bench/request_cost.py). The per-thread totals it also shows cost nothing per request.
+    cpu_stages: bool = Field(False, description="time each stage of a request in thread CPU and show the totals in GET /info")
+
     # live drift gauges
     drift_window: int = Field(500, ge=10, le=1_000_000, description="recent predictions the live drift scores cover")
 

@@ -17,7 +17,7 @@ from PIL import Image
 from exporters.preprocess import ResizePolicy, load_model_input
 from service import oip, oip_request
 from service.errors import ServiceError
-from service.predictions import Classification, build_prediction_record, model_input, pixels_sha256, png_bytes, top_k
+from service.predictions import Classification, build_prediction_record, model_input, lossless_image_bytes, pixels_sha256, top_k
 from service.request_validation import PixelImage, Upload
 
 MAX_FILES = 4
@@ -171,7 +171,7 @@ def test_pixels_are_named_by_their_values_whatever_their_memory_layout():
 def test_stored_pixels_decode_back_to_the_same_model_input():
     pixels = _pixels(1, 40, 50)[0]
     policy = ResizePolicy(crop_size=16, resize_size=20)
-    stored = png_bytes(pixels)
+    stored = lossless_image_bytes(pixels)
     np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")), pixels)
     np.testing.assert_array_equal(load_model_input(stored, policy),
                                   model_input(0, PixelImage("pixels[0]", pixels), policy))
