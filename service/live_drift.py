@@ -7,7 +7,6 @@ is a separate, offline job; these only say "look now".
 """
 from __future__ import annotations
 
-import collections
 import threading
 from dataclasses import dataclass
 
@@ -25,26 +24,52 @@ class DriftScores:
 
 
 class LiveDrift:
-    """Rolling window of (predicted class, confidence) compared with one model's reference."""
+    """Rolling window of (predicted class, confidence) compared with one model's reference.
+
+    A ring buffer with running class counts and confidence sum: a request's update costs O(its
+    images + classes), not O(window). Recounting the 500-entry window per request cost ~0.09 ms of
+    event-loop CPU per request (bench/request_cost.py)."""
 
     def __init__(self, class_prior: np.ndarray, reference_confidence: float | None, window: int):
         self.class_prior = np.asarray(class_prior, dtype=np.float64)
         self.reference_confidence = reference_confidence
-        self._classes: collections.deque[int] = collections.deque(maxlen=window)
-        self._confidences: collections.deque[float] = collections.deque(maxlen=window)
+        self.window = window
+        self._classes = np.zeros(window, dtype=np.int64)
+        self._confidences = np.zeros(window, dtype=np.float64)
+        self._filled = 0
+        self._next = 0
+        self._counts = np.zeros(len(self.class_prior), dtype=np.int64)
+        self._confidence_sum = 0.0
         self._lock = threading.Lock()
 
+    def _count(self, classes: np.ndarray) -> np.ndarray:
+        k = len(self.class_prior)
+        return np.bincount(classes, minlength=k)[:k]  # a class the prior does not have is not counted
+
     def observe(self, predicted: np.ndarray, confidence: np.ndarray) -> DriftScores:
+        predicted = np.asarray(predicted, dtype=np.int64).ravel()[-self.window:]
+        confidence = np.asarray(confidence, dtype=np.float64).ravel()[-self.window:]
         with self._lock:
-            self._classes.extend(int(c) for c in predicted)
-            self._confidences.extend(float(c) for c in confidence)
+            slots = (self._next + np.arange(len(predicted))) % self.window
+            replaced = slots[slots < self._filled]  # the window fills from slot 0 up
+            if len(replaced):
+                self._counts -= self._count(self._classes[replaced])
+                self._confidence_sum -= float(self._confidences[replaced].sum())
+            self._classes[slots] = predicted
+            self._confidences[slots] = confidence
+            self._counts += self._count(predicted)
+            self._confidence_sum += float(confidence.sum())
+            self._filled = min(self.window, self._filled + len(predicted))
+            wrapped = self._next + len(predicted) >= self.window
+            self._next = (self._next + len(predicted)) % self.window
+            if wrapped:  # once per window, so the running sum's rounding never accumulates
+                self._confidence_sum = float(self._confidences[:self._filled].sum())
             return self.scores()
 
     def scores(self) -> DriftScores:
-        n = len(self._classes)
+        n = self._filled
         if n == 0:
             return DriftScores(0, 0.0, 0.0, 0.0)
-        counts = np.bincount(np.fromiter(self._classes, int, n), minlength=len(self.class_prior))
-        mean_conf = float(np.mean(np.fromiter(self._confidences, float, n)))
+        mean_conf = self._confidence_sum / n
         shift = mean_conf - self.reference_confidence if self.reference_confidence is not None else 0.0
-        return DriftScores(n, psi(self.class_prior, counts[: len(self.class_prior)]), shift, mean_conf)
+        return DriftScores(n, psi(self.class_prior, self._counts), shift, mean_conf)
