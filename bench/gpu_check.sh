@@ -4,7 +4,10 @@
 #       under torchrun when 2+ GPUs are visible): median of train_images_per_s over the epochs after
 #       the first (cuDNN autotuning and allocator warm-up land in epoch 1);
 #   (b) ONNX Runtime throughput of the exported bundle on the CUDA EP (fp32, fp16) next to the CPU EP,
-#       with parity of each CUDA row vs CPU EP fp32 (max |dp|, top-1 agreement) on the val images.
+#       with parity of each CUDA row vs CPU EP fp32 (max |dp|, top-1 agreement) on the val images;
+#   (c) the figures that size a GPU pod (README, "Sizing a GPU node"): JPEG decode + resize + crop
+#       per CPU core (img/s, as the service's decode threads run it), GPU memory each CUDA EP session
+#       takes (nvidia-smi before and after it loads and runs), and the cores of decoding one GPU needs.
 #
 #   bash bench/gpu_check.sh [DATA]      DATA: hymenoptera (train/ + val/) by default
 #   EPOCHS=3 BATCH=32 PYTHON=.venv/bin/python bash bench/gpu_check.sh
@@ -56,7 +59,7 @@ if [ "$NGPU" -ge 2 ]; then
 fi
 
 "$PY" - "$WORK" "$DATA" "$BATCH" <<'EOF'
-import json, statistics, sys
+import json, statistics, subprocess, sys, time
 from pathlib import Path
 
 sys.path.insert(0, "bench")
@@ -66,6 +69,7 @@ import torch
 from exporters.export.bundle_writer import export_bundle
 from exporters.export.onnx_graph import PARITY_TOLERANCE, parity_figures
 from exporters.onnx_runtime import OnnxClassifier
+from exporters.preprocess import load_model_input
 from export import load_bench_images, time_passes  # bench/export.py
 from training.run.publish import read_export_inputs
 
@@ -89,6 +93,24 @@ setting = f"{len(images)} val images, batch {batch}"
 cpu = OnnxClassifier(bundle / meta["variants"]["fp32"]["file"], prefer_gpu=False)
 rate, reference = time_passes(lambda b: cpu.run(b)[0], images, batch, reps=3)
 rows.append(("ONNX Runtime CPU EP fp32", setting, rate, "reference"))
+files = [p.read_bytes() for p in sorted((data / "val").rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
+start = time.thread_time()
+for data_bytes in files * 2:
+    load_model_input(data_bytes, inputs.run.policy)
+decode_per_core = 2 * len(files) / (time.thread_time() - start)
+rows.append(("JPEG decode + resize + crop, one CPU core", f"{len(files)} val JPEGs, thread CPU time", decode_per_core, ""))
+
+
+def gpu_memory_mib() -> float | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, check=True).stdout
+        return float(out.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
+
+
+sizing = []
 failed = False
 if "CUDAExecutionProvider" not in ort.get_available_providers():
     rows.append(("ONNX Runtime CUDA EP", "absent: this onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)", None, "skipped"))
@@ -97,12 +119,17 @@ for variant in ("fp32", "fp16") if "CUDAExecutionProvider" in ort.get_available_
     if not entry.get("file"):
         rows.append((f"ONNX Runtime CUDA EP {variant}", "variant refused at export", None, "skipped"))
         continue
+    before = gpu_memory_mib()
     session = OnnxClassifier(bundle / entry["file"], prefer_gpu=True)
     if "CUDAExecutionProvider" not in session.providers:
         rows.append((f"ONNX Runtime CUDA EP {variant}", "CUDA EP listed but failed to load (CUDA/cuDNN libraries?)", None, "FAILED"))
         failed = True
         continue
     rate, probs = time_passes(lambda b, s=session: s.run(b)[0], images, batch, reps=3)
+    after = gpu_memory_mib()
+    memory = "" if before is None or after is None else f"{after - before:.0f} MiB of GPU memory for this session"
+    sizing.append(f"CUDA EP {variant}: {rate:.0f} img/s at batch {batch} = the decoding of {rate / decode_per_core:.1f} CPU cores"
+                  + (f"; {memory}" if memory else ""))
     p = parity_figures(reference, probs)
     parity = f"max abs dp {p['max_abs_diff']:.1e}, top-1 {100 * p['top1_agreement']:.1f}%"
     if variant == "fp32":  # fp16 answers to the accuracy-drop bar at export, not to this one
@@ -115,5 +142,9 @@ print("| measurement | setting | images/s | parity vs CPU EP fp32 |")
 print("|---|---|---:|---|")
 for what, how, ips, parity in rows:
     print(f"| {what} | {how} | {'' if ips is None else f'{ips:.1f}'} | {parity} |")
+if sizing:
+    print("\nSizing a GPU node (README): one GPU keeps this many cores of JPEG decoding busy")
+    for line in sizing:
+        print(f"- {line}")
 sys.exit(1 if failed else 0)
 EOF

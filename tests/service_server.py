@@ -49,8 +49,9 @@ class RunningService:
 
 @contextlib.contextmanager
 def serve(env: dict[str, str], log_path: Path, target: str = "service.service:CnnloopService",
-          via_cli: bool = False) -> Iterator[RunningService]:
-    """`bentoml serve TARGET` (or `cnnloop serve`) on a free port with `env` added; yields once /readyz is 200."""
+          via_cli: bool = False, root: Path = ROOT) -> Iterator[RunningService]:
+    """`bentoml serve TARGET` (or `cnnloop serve`) on a free port with `env` added; yields once /readyz is 200.
+    `root`: the checkout whose code serves (benchmarks compare two)."""
     port = free_port()
     address = ["--port", str(port), "--host", "127.0.0.1"]
     if via_cli:
@@ -58,10 +59,10 @@ def serve(env: dict[str, str], log_path: Path, target: str = "service.service:Cn
     else:
         command = [sys.executable, "-m", "bentoml", "serve", target, *address]
     full_env = {**os.environ, "BENTOML_DO_NOT_TRACK": "True", "BENTOML_HOME": str(log_path.parent / "bentoml_home"),
-                "PYTHONPATH": str(ROOT), **env}
+                "PYTHONPATH": str(root), **env}
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(command, cwd=root, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     running = RunningService(f"http://127.0.0.1:{port}", proc, log_path)
     try:

@@ -1,0 +1,233 @@
+"""What one request costs the service in CPU, and where it goes: per thread role and per stage.
+
+Throughput on this machine swings ±10% from run to run; CPU time per request does not. Each
+contender is a `bentoml serve` of the cnnloop service with `cpu_stages` on (service/cpu_stages.py),
+pinned to the first core, with Debian's `wrk` on the other core posting hymenoptera val photos
+closed-loop. Per row: the server process's CPU (rusage of the whole tree) divided by the requests
+served, and the diff of GET /info's "cpu" snapshot before and after: CPU by thread role (event loop,
+decode, inference, log writer, ...) and by stage (decode.image, loop.records, ...).
+
+`--server-cores 2` pins the servers to both cores of a 2-core machine; wrk then shares them.
+
+Contenders run interleaved (round 1: A B, round 2: B A, ...) and each cell reports the median and
+the spread (min-max) of its rounds. A contender is a checkout of the code and settings:
+    --tree NAME=PATH        a git checkout (e.g. `git worktree add /tmp/before HEAD~1`); default: this one
+    --variant NAME:K=V,...  settings on top of the tree's (CNNLOOP_K=V), e.g. nolog:log_predictions=false;
+                            a key env.NAME sets that environment variable as given (BentoML's own config)
+
+    python bench/request_cost.py [--registry URI] [--route predict|oip-pixels] [--concurrency 32]
+        [--seconds 10] [--rounds 5] [--tree before=/tmp/before --tree after=.] [--variant ...]
+
+Results: bench/results/request_cost.json (or --out) and a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.serve import DATA, decoded, load_jpegs, oip_pixels, prepare_model  # noqa: E402
+
+LUA = {"predict": ROOT / "bench" / "wrk_multipart.lua", "oip-pixels": ROOT / "bench" / "wrk_bodies.lua"}
+PATHS = {"predict": "/predict", "oip-pixels": "/v2/models/cnnloop/infer"}
+RESULTS = ROOT / "bench" / "results" / "request_cost.json"
+
+
+def process_tree_cpu(pid: int) -> float:
+    import psutil
+
+    total = 0.0
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def body_list(route: str, folder: Path, work: Path) -> Path:
+    """The file wrk's script reads: JPEG paths (multipart), or prepared OIP bodies with their headers."""
+    out = work / f"{route}.list"
+    if route == "predict":
+        out.write_text("\n".join(str(p) for p in sorted(folder.rglob("*.jpg"))) + "\n")
+        return out
+    lines = []
+    for i, (name, pixels) in enumerate(decoded(load_jpegs(folder))):
+        body, headers = oip_pixels(name, pixels)
+        path = work / f"oip-{i}.bin"
+        path.write_bytes(body)
+        lines.append(f"{path}\t{headers['Content-Type']}\tInference-Header-Content-Length: "
+                     f"{headers['Inference-Header-Content-Length']}")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def wrk(url: str, route: str, bodies: Path, concurrency: int, seconds: float, cpus: set[int]) -> dict:
+    command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), "wrk", "-t1", f"-c{concurrency}",
+               f"-d{seconds:.0f}s", "--timeout", "60s", "-s", str(LUA[route]), url, "--", str(bodies)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    match = re.search(r"^WRK_JSON (\{.*\})$", done.stdout, re.M)
+    if done.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    w = json.loads(match.group(1))
+    failures = w["status_errors"] + w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["timeouts"]
+    return {"requests": w["requests"], "served": w["requests"] - w["status_errors"], "failures": failures,
+            "images_per_s": (w["requests"] - w["status_errors"]) / (w["duration_us"] / 1e6),
+            "p50_ms": w["p50_us"] / 1000, "p99_ms": w["p99_us"] / 1000}
+
+
+def cpu_snapshot(url: str) -> dict:
+    info = httpx.get(url + "/info", timeout=30).json()
+    if "cpu" not in info:
+        raise SystemExit(f"{url} shows no 'cpu' in /info: its code predates cpu_stages or the setting is off")
+    return info["cpu"]
+
+
+def per_request_ms(before: dict, after: dict, served: int) -> dict:
+    """CPU ms per served request: by thread role, by stage, and the process's rest."""
+    roles = {r: (after["threads"].get(r, 0.0) - before["threads"].get(r, 0.0)) * 1000 / served
+             for r in after["threads"]}
+    stages = {s: (v["seconds"] - before["stages"].get(s, {"seconds": 0.0})["seconds"]) * 1000 / served
+              for s, v in after["stages"].items()}
+    process = (after["process_seconds"] - before["process_seconds"]) * 1000 / served
+    return {"process": process, "roles": roles, "stages": stages,
+            "unattributed": process - sum(roles.values())}
+
+
+def measure(contender: dict, url: str, pid: int, args, bodies: Path, client_cpus: set[int]) -> dict:
+    before, tree0 = cpu_snapshot(url), process_tree_cpu(pid)
+    row = wrk(url + PATHS[args.route], args.route, bodies, args.concurrency, args.seconds, client_cpus)
+    after, tree1 = cpu_snapshot(url), process_tree_cpu(pid)
+    if row["served"] == 0:
+        raise RuntimeError(f"{contender['name']}: no request succeeded")
+    row.update(per_request_ms(before, after, row["served"]))
+    row["tree_ms"] = (tree1 - tree0) * 1000 / row["served"]
+    return row
+
+
+def _median_spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = ["images_per_s", "p50_ms", "p99_ms", "tree_ms", "process", "unattributed"]
+    out = {k: _median_spread([r[k] for r in rows]) for k in keys}
+    out["failures"] = sum(r["failures"] for r in rows)
+    for part in ("roles", "stages"):
+        names = sorted({n for r in rows for n in r[part]})
+        out[part] = {n: _median_spread([r[part].get(n, 0.0) for r in rows]) for n in names}
+    return out
+
+
+def contenders(args) -> list[dict]:
+    trees = dict(t.split("=", 1) for t in args.tree) if args.tree else {"this": str(ROOT)}
+    variants = [("", {})]
+    for v in args.variant:
+        name, _, settings = v.partition(":")
+        variants.append((name, dict(kv.split("=", 1) for kv in settings.split(",") if kv)))
+    return [{"name": f"{tree}{'+' + vname if vname else ''}", "root": Path(path).resolve(), "settings": settings}
+            for tree, path in trees.items() for vname, settings in variants]
+
+
+def table(result: dict) -> str:
+    names = [c["name"] for c in result["contenders"]]
+    s = {n: result["summary"][n] for n in names}
+    fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"  # noqa: E731
+    lines = ["| CPU ms per request, median (min-max) | " + " | ".join(names) + " |",
+             "|---|" + "---:|" * len(names)]
+    lines.append("| img/s | " + " | ".join(f"{s[n]['images_per_s']['median']:.1f}" for n in names) + " |")
+    lines.append("| p50 / p99 ms | " + " | ".join(f"{s[n]['p50_ms']['median']:.1f} / {s[n]['p99_ms']['median']:.1f}"
+                                                   for n in names) + " |")
+    lines.append("| **server process, all of it** | " + " | ".join(f"**{fmt(s[n]['tree_ms'])}**" for n in names) + " |")
+    for part in ("roles", "stages"):
+        keys = sorted({k for n in names for k in s[n][part]}, key=lambda k: -s[names[0]][part].get(k, {"median": 0})["median"])
+        for k in keys:
+            label = f"thread: {k}" if part == "roles" else f"stage: {k}"
+            lines.append(f"| {label} | " + " | ".join(fmt(s[n][part][k]) if k in s[n][part] else "-" for n in names) + " |")
+    lines.append("| not in a registered thread (BentoML's own, exits) | "
+                 + " | ".join(fmt(s[n]["unattributed"]) for n in names) + " |")
+    lines.append("| failures | " + " | ".join(str(s[n]["failures"]) for n in names) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from tests.service_server import serve, service_env
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--registry", help="registry whose 'production' model to serve (default: train one)")
+    ap.add_argument("--images", type=Path, default=DATA / "val")
+    ap.add_argument("--route", choices=sorted(PATHS), default="predict")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tree", action="append", default=[], help="NAME=PATH of a checkout to serve (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... settings (repeatable)")
+    ap.add_argument("--server-cores", type=int, default=1,
+                    help="cores the servers are pinned to (the first N); wrk gets the rest, or shares when none is left")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not on PATH: apt-get install wrk")
+    cpus = sorted(os.sched_getaffinity(0))
+    if not 1 <= args.server_cores <= len(cpus):
+        raise SystemExit(f"--server-cores {args.server_cores}: this process may use {len(cpus)} core(s)")
+    server_cpus = set(cpus[:args.server_cores])
+    client_cpus = set(cpus[args.server_cores:]) or set(cpus)
+    runs = contenders(args)
+    with tempfile.TemporaryDirectory(prefix="cnnloop-request-cost-") as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        registry = args.registry or prepare_model(work)[0]
+        bodies = body_list(args.route, args.images, work)
+        servers = {}
+        all_cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, server_cpus)  # the servers inherit it
+        try:
+            for c in runs:
+                settings = {k: v for k, v in c["settings"].items() if not k.startswith("env.")}
+                env = service_env(registry, work / f"data-{c['name']}", poll_interval_s=0, store_sample_rate=1.0,
+                                  cpu_stages="true", **settings)
+                env.update({k[4:]: v for k, v in c["settings"].items() if k.startswith("env.")})
+                servers[c["name"]] = stack.enter_context(serve(env, work / f"{c['name']}.log", root=c["root"]))
+        finally:
+            os.sched_setaffinity(0, all_cpus)
+        for c in runs:  # warm-up: first requests load lazily imported code and grow the pools
+            svc = servers[c["name"]]
+            wrk(svc.url + PATHS[args.route], args.route, bodies, args.concurrency, 3, client_cpus)
+        rows = {c["name"]: [] for c in runs}
+        for r in range(args.rounds):
+            order = runs if r % 2 == 0 else runs[::-1]
+            for c in order:
+                svc = servers[c["name"]]
+                row = measure(c, svc.url, svc.process.pid, args, bodies, client_cpus)
+                rows[c["name"]].append(row)
+                print(f"round {r + 1} {c['name']}: {row['images_per_s']:.1f} img/s, {row['tree_ms']:.2f} ms CPU/request, "
+                      f"failures {row['failures']}", file=sys.stderr)
+    result = {"machine": {"cpus": len(cpus), "platform": platform.platform(), "load_before": os.getloadavg()},
+              "when": time.strftime("%Y-%m-%d %H:%M"), "route": args.route, "server_cores": args.server_cores, "concurrency": args.concurrency,
+              "seconds_per_row": args.seconds, "rounds": args.rounds,
+              "contenders": [{**c, "root": str(c["root"])} for c in runs],
+              "summary": {n: summarize(rs) for n, rs in rows.items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
