@@ -28,6 +28,8 @@ import numpy as np
 
 class BatchModel(Protocol):
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    # Optional: `run_alone(images)`, called instead of `run` for a batch with no other batch running or
+    # waiting (a lone request can use every core; see LoadedModel.run_alone).
 
 
 @dataclass
@@ -56,6 +58,7 @@ class AdaptiveBatcher:
         self._carry: collections.deque[_Item] = collections.deque()
         self._task: asyncio.Task | None = None
         self._on_the_way = 0  # images being decoded that will be run next
+        self._running = 0  # batches in inference calls now
 
     @contextlib.contextmanager
     def on_the_way(self, n: int):
@@ -135,11 +138,15 @@ class AdaptiveBatcher:
             asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[_Item]) -> None:
+        self._running += 1
         try:
             images = np.stack([it.image for it in batch])
+            model = batch[0].model
+            alone = self._running == 1 and self._queue.empty() and not self._carry and not self._on_the_way
+            run = getattr(model, "run_alone", model.run) if alone else model.run
             start = time.perf_counter()
             try:
-                probs, embs = await asyncio.get_running_loop().run_in_executor(self._executor, batch[0].model.run, images)
+                probs, embs = await asyncio.get_running_loop().run_in_executor(self._executor, run, images)
             except Exception as e:  # a failing graph fails these requests, never the loop
                 for it in batch:
                     if not it.future.done():
@@ -150,4 +157,5 @@ class AdaptiveBatcher:
                 if not it.future.done():
                     it.future.set_result((probs[i], embs[i]))
         finally:
+            self._running -= 1
             self._slots.release()

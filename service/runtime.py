@@ -63,12 +63,14 @@ class ServingRuntime:
         self.log: PredictionLog | None = None
         gpu = settings.prefer_gpu and "CUDAExecutionProvider" in choose_providers(prefer_gpu=True)
         ort_threads, inference_threads = settings.resolved_inference_threads(gpu)
+        lone_threads = settings.resolved_lone_threads(gpu)
         self.models = ModelSession(settings, lambda: registry(settings), on_swap=self._swapped,
                                    on_failure=lambda version, error: self.metrics.model_loads.labels("failed").inc(),
-                                   ort_threads=ort_threads)
+                                   ort_threads=ort_threads, lone_threads=lone_threads)
         self.batcher = AdaptiveBatcher(settings.batch_max_size, settings.batch_max_latency_ms, self.metrics.record_batch,
                                        concurrent_batches=inference_threads, thread_initializer=self.cpu.initializer("inference"))
-        self.threads = {"ort_intra_op": ort_threads, "inference_calls": inference_threads,
+        self.threads = {"ort_intra_op": ort_threads, "ort_intra_op_lone_batch": lone_threads or ort_threads,
+                        "inference_calls": inference_threads,
                         "decode": settings.resolved_decode_threads()}
         self._decode_pool = ThreadPoolExecutor(settings.resolved_decode_threads(), thread_name_prefix="cnnloop-decode",
                                                initializer=self.cpu.initializer("decode"))

@@ -127,6 +127,15 @@ class ServiceSettings(LogLocations):
             return self.ort_threads or available_cpus(), self.inference_threads or 2
         return self.ort_threads or 1, self.inference_threads or available_cpus()
 
+    def resolved_lone_threads(self, gpu: bool) -> int | None:
+        """ORT threads for a batch that runs alone (no other batch running or queued), or None for the
+        usual session: on CPU with single-threaded calls and more than one core, a lone batch gets
+        every core (a second session over the same graph). Off when ort_threads is set."""
+        if gpu or self.ort_threads is not None:
+            return None
+        cores = available_cpus()
+        return cores if cores > 1 else None
+
     def public_view(self) -> dict[str, Any]:
         """What GET /info may show: everything except secrets."""
         from exporters.prediction_log.sql import redact

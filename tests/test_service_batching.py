@@ -104,3 +104,44 @@ def test_a_failed_decode_does_not_leave_the_batcher_waiting():
         return model
 
     assert asyncio.run(main()).calls == [1]
+
+
+class _TwoWayModel(_RecordingModel):
+    """Records which entry point ran each batch: `run` (the single-threaded calls side by side) or
+    `run_alone` (every core, for a batch with nothing else running or waiting)."""
+
+    def __init__(self, slow_s=0.0):
+        super().__init__()
+        self.ways: list[str] = []
+        self.slow_s = slow_s
+
+    def run(self, images):
+        import time
+
+        with self.lock:
+            self.ways.append("run")
+        time.sleep(self.slow_s)
+        return super().run(images)
+
+    def run_alone(self, images):
+        with self.lock:
+            self.ways.append("run_alone")
+        return super().run(images)
+
+
+def test_a_lone_request_runs_alone_and_batches_under_load_run_side_by_side():
+    async def main():
+        lone, busy = _TwoWayModel(), _TwoWayModel(slow_s=0.05)
+        batcher = AdaptiveBatcher(max_batch_size=2, max_latency_ms=1, concurrent_batches=2)
+        batcher.start()
+        for i in range(3):  # one at a time: nothing else running or queued
+            await batcher.run(lone, _images([i]))
+        # 12 at once through 2 slots of 2 images: batches queue behind running ones.
+        results = await asyncio.gather(*(batcher.run(busy, _images([i])) for i in range(12)))
+        await batcher.stop()
+        return lone, busy, results
+
+    lone, busy, results = asyncio.run(main())
+    assert lone.ways == ["run_alone"] * 3
+    assert busy.ways.count("run") >= 4, busy.ways  # at most the first and the last batch may find the machine to themselves
+    assert all(np.all(probs == i) for i, (probs, _) in enumerate(results))

@@ -81,3 +81,12 @@ def test_thread_defaults_follow_the_cores_this_process_may_use(tmp_path):
                           "print(s.resolved_decode_threads(), s.resolved_inference_threads(False)[1])"],
                          capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_lone_batch_gets_every_core_on_cpu_and_the_setting_or_a_gpu_turns_it_off():
+    from exporters.cpus import available_cpus
+
+    s = load_service_settings(environ={})
+    assert s.resolved_lone_threads(gpu=False) == (available_cpus() if available_cpus() > 1 else None)
+    assert s.resolved_lone_threads(gpu=True) is None
+    assert load_service_settings(environ={"CNNLOOP_ORT_THREADS": "1"}).resolved_lone_threads(gpu=False) is None
