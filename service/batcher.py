@@ -69,6 +69,23 @@ class AdaptiveBatcher:
         finally:
             self._on_the_way -= n
 
+    def idle(self) -> bool:
+        """Nothing running, queued or being decoded: a request now would be a batch of its own."""
+        return self._running == 0 and self._on_the_way == 0 and not self._carry and (self._queue is None or self._queue.empty())
+
+    @contextlib.contextmanager
+    def lone_call(self):
+        """Wrap an inference call made outside the batcher (ServingRuntime's lone-request path), so that
+        requests arriving meanwhile see a batch running and take the side-by-side sessions."""
+        self._running += 1
+        try:
+            yield
+        finally:
+            self._running -= 1
+
+    def record(self, size: int, seconds: float) -> None:
+        self._on_batch(size, seconds)
+
     def start(self) -> None:
         if self._task is None:
             self._queue = asyncio.Queue()

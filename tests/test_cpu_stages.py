@@ -131,21 +131,3 @@ def test_the_runtime_times_its_stages_and_shows_them_in_info_only_when_asked(on,
     assert {"event_loop", "decode", "inference", "log_writer", "log_images"} <= set(cpu["threads"]), cpu["threads"]
     assert sum(cpu["threads"].values()) <= cpu["process_seconds"]
 
-
-def test_on_a_multicore_cpu_the_model_has_a_second_session_for_lone_batches(published_model, tmp_path):
-    from exporters.cpus import available_cpus
-
-    if available_cpus() < 2:
-        pytest.skip("one core: a lone batch has no other core to use")
-    settings = load_service_settings(overrides={
-        "registry": str(published_model.registry), "data_dir": str(tmp_path / "data"), "poll_interval_s": 0,
-        "bundle_cache_dir": str(tmp_path / "bundles"), "prefer_gpu": False})
-
-    def sessions(runtime):
-        model = runtime.models.current
-        return (model.classifier.session.get_session_options().intra_op_num_threads,
-                model.lone_classifier.session.get_session_options().intra_op_num_threads, runtime.info()["threads"])
-
-    usual, lone, threads = _run(settings, sessions)
-    assert (usual, lone) == (1, available_cpus())
-    assert threads["ort_intra_op"] == 1 and threads["ort_intra_op_lone_batch"] == available_cpus()
