@@ -15,7 +15,7 @@ the spread (min-max) of its rounds. A contender is a checkout of the code and se
     --variant NAME:K=V,...  settings on top of the tree's (CNNLOOP_K=V), e.g. nolog:log_predictions=false;
                             a key env.NAME sets that environment variable as given (BentoML's own config)
 
-    python bench/request_cost.py [--registry URI] [--route predict|oip-pixels] [--concurrency 32]
+    python bench/request_cost.py [--registry URI] [--routes predict oip-pixels] [--concurrency 32]
         [--seconds 10] [--rounds 5] [--tree before=/tmp/before --tree after=.] [--variant ...]
 
 Results: bench/results/request_cost.json (or --out) and a markdown table.
@@ -27,10 +27,8 @@ import contextlib
 import json
 import os
 import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,27 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.serve import DATA, decoded, load_jpegs, oip_pixels, prepare_model  # noqa: E402
+from bench.serve_wrk import run_wrk  # noqa: E402
 
-LUA = {"predict": ROOT / "bench" / "wrk_multipart.lua", "oip-pixels": ROOT / "bench" / "wrk_bodies.lua"}
 PATHS = {"predict": "/predict", "oip-pixels": "/v2/models/cnnloop/infer"}
 RESULTS = ROOT / "bench" / "results" / "request_cost.json"
 
 
-def process_tree_cpu(pid: int) -> float:
-    import psutil
-
-    total = 0.0
-    with contextlib.suppress(psutil.NoSuchProcess):
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-    return total
-
-
 def body_list(route: str, folder: Path, work: Path) -> Path:
-    """The file wrk's script reads: JPEG paths (multipart), or prepared OIP bodies with their headers."""
+    """The list bench/wrk_multipart.lua reads: JPEG paths (multipart), or prepared OIP bodies with their headers."""
     out = work / f"{route}.list"
     if route == "predict":
         out.write_text("\n".join(str(p) for p in sorted(folder.rglob("*.jpg"))) + "\n")
@@ -78,29 +63,15 @@ def body_list(route: str, folder: Path, work: Path) -> Path:
     return out
 
 
-def wrk(url: str, route: str, bodies: Path, concurrency: int, seconds: float, cpus: set[int]) -> dict:
-    command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), "wrk", "-t1", f"-c{concurrency}",
-               f"-d{seconds:.0f}s", "--timeout", "60s", "-s", str(LUA[route]), url, "--", str(bodies)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    match = re.search(r"^WRK_JSON (\{.*\})$", done.stdout, re.M)
-    if done.returncode != 0 or not match:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
-    w = json.loads(match.group(1))
-    failures = w["status_errors"] + w["connect_errors"] + w["read_errors"] + w["write_errors"] + w["timeouts"]
-    return {"requests": w["requests"], "served": w["requests"] - w["status_errors"], "failures": failures,
-            "images_per_s": (w["requests"] - w["status_errors"]) / (w["duration_us"] / 1e6),
-            "p50_ms": w["p50_us"] / 1000, "p99_ms": w["p99_us"] / 1000}
+def cpu_snapshot(url: str) -> dict | None:
+    """GET /info's "cpu"; None from code that predates cpu_stages (its rows then have the process total only)."""
+    return httpx.get(url + "/info", timeout=30).json().get("cpu")
 
 
-def cpu_snapshot(url: str) -> dict:
-    info = httpx.get(url + "/info", timeout=30).json()
-    if "cpu" not in info:
-        raise SystemExit(f"{url} shows no 'cpu' in /info: its code predates cpu_stages or the setting is off")
-    return info["cpu"]
-
-
-def per_request_ms(before: dict, after: dict, served: int) -> dict:
+def per_request_ms(before: dict | None, after: dict | None, served: int) -> dict:
     """CPU ms per served request: by thread role, by stage, and the process's rest."""
+    if before is None or after is None:
+        return {"roles": {}, "stages": {}}
     roles = {r: (after["threads"].get(r, 0.0) - before["threads"].get(r, 0.0)) * 1000 / served
              for r in after["threads"]}
     stages = {s: (v["seconds"] - before["stages"].get(s, {"seconds": 0.0})["seconds"]) * 1000 / served
@@ -110,14 +81,14 @@ def per_request_ms(before: dict, after: dict, served: int) -> dict:
             "unattributed": process - sum(roles.values())}
 
 
-def measure(contender: dict, url: str, pid: int, args, bodies: Path, client_cpus: set[int]) -> dict:
-    before, tree0 = cpu_snapshot(url), process_tree_cpu(pid)
-    row = wrk(url + PATHS[args.route], args.route, bodies, args.concurrency, args.seconds, client_cpus)
-    after, tree1 = cpu_snapshot(url), process_tree_cpu(pid)
+def measure(contender: dict, route: str, url: str, pid: int, args, bodies: Path, client_cpus: set[int]) -> dict:
+    before = cpu_snapshot(url)
+    row = run_wrk(url + PATHS[route], bodies, args.concurrency, args.seconds, client_cpus, pid)
+    after = cpu_snapshot(url)
     if row["served"] == 0:
         raise RuntimeError(f"{contender['name']}: no request succeeded")
     row.update(per_request_ms(before, after, row["served"]))
-    row["tree_ms"] = (tree1 - tree0) * 1000 / row["served"]
+    row["tree_ms"] = row["cpu_ms_per_request"]  # the whole process tree (BentoML's arbiter included)
     return row
 
 
@@ -127,7 +98,7 @@ def _median_spread(values: list[float]) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     keys = ["images_per_s", "p50_ms", "p99_ms", "tree_ms", "process", "unattributed"]
-    out = {k: _median_spread([r[k] for r in rows]) for k in keys}
+    out = {k: _median_spread([r[k] for r in rows]) for k in keys if k in rows[0]}
     out["failures"] = sum(r["failures"] for r in rows)
     for part in ("roles", "stages"):
         names = sorted({n for r in rows for n in r[part]})
@@ -146,7 +117,7 @@ def contenders(args) -> list[dict]:
 
 
 def table(result: dict) -> str:
-    names = [c["name"] for c in result["contenders"]]
+    names = list(result["summary"])
     s = {n: result["summary"][n] for n in names}
     fmt = lambda d: f"{d['median']:.2f} ({d['min']:.2f}-{d['max']:.2f})"  # noqa: E731
     lines = ["| CPU ms per request, median (min-max) | " + " | ".join(names) + " |",
@@ -161,7 +132,7 @@ def table(result: dict) -> str:
             label = f"thread: {k}" if part == "roles" else f"stage: {k}"
             lines.append(f"| {label} | " + " | ".join(fmt(s[n][part][k]) if k in s[n][part] else "-" for n in names) + " |")
     lines.append("| not in a registered thread (BentoML's own, exits) | "
-                 + " | ".join(fmt(s[n]["unattributed"]) for n in names) + " |")
+                 + " | ".join(fmt(s[n]["unattributed"]) if "unattributed" in s[n] else "-" for n in names) + " |")
     lines.append("| failures | " + " | ".join(str(s[n]["failures"]) for n in names) + " |")
     return "\n".join(lines)
 
@@ -172,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--registry", help="registry whose 'production' model to serve (default: train one)")
     ap.add_argument("--images", type=Path, default=DATA / "val")
-    ap.add_argument("--route", choices=sorted(PATHS), default="predict")
+    ap.add_argument("--routes", nargs="+", choices=sorted(PATHS), default=["predict"],
+                    help="routes to load, each a cell of every contender (oip-pixels: UINT8 [1,H,W,3] binary)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--rounds", type=int, default=5)
@@ -193,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cnnloop-request-cost-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         registry = args.registry or prepare_model(work)[0]
-        bodies = body_list(args.route, args.images, work)
+        bodies = {route: body_list(route, args.images, work) for route in args.routes}
         servers = {}
         all_cpus = os.sched_getaffinity(0)
         os.sched_setaffinity(0, server_cpus)  # the servers inherit it
@@ -206,20 +178,21 @@ def main(argv: list[str] | None = None) -> dict:
                 servers[c["name"]] = stack.enter_context(serve(env, work / f"{c['name']}.log", root=c["root"]))
         finally:
             os.sched_setaffinity(0, all_cpus)
-        for c in runs:  # warm-up: first requests load lazily imported code and grow the pools
+        cells = [(c, route) for route in args.routes for c in runs]
+        for c, route in cells:  # warm-up: first requests load lazily imported code and grow the pools
             svc = servers[c["name"]]
-            wrk(svc.url + PATHS[args.route], args.route, bodies, args.concurrency, 3, client_cpus)
-        rows = {c["name"]: [] for c in runs}
+            run_wrk(svc.url + PATHS[route], bodies[route], args.concurrency, 3, client_cpus, svc.process.pid)
+        name = lambda c, route: c["name"] if len(args.routes) == 1 else f"{c['name']} {route}"  # noqa: E731
+        rows = {name(c, route): [] for c, route in cells}
         for r in range(args.rounds):
-            order = runs if r % 2 == 0 else runs[::-1]
-            for c in order:
+            for c, route in (cells if r % 2 == 0 else cells[::-1]):
                 svc = servers[c["name"]]
-                row = measure(c, svc.url, svc.process.pid, args, bodies, client_cpus)
-                rows[c["name"]].append(row)
-                print(f"round {r + 1} {c['name']}: {row['images_per_s']:.1f} img/s, {row['tree_ms']:.2f} ms CPU/request, "
-                      f"failures {row['failures']}", file=sys.stderr)
+                row = measure(c, route, svc.url, svc.process.pid, args, bodies[route], client_cpus)
+                rows[name(c, route)].append(row)
+                print(f"round {r + 1} {name(c, route)}: {row['images_per_s']:.1f} img/s, {row['tree_ms']:.2f} ms "
+                      f"CPU/request, failures {row['failures']}", file=sys.stderr)
     result = {"machine": {"cpus": len(cpus), "platform": platform.platform(), "load_before": os.getloadavg()},
-              "when": time.strftime("%Y-%m-%d %H:%M"), "route": args.route, "server_cores": args.server_cores, "concurrency": args.concurrency,
+              "when": time.strftime("%Y-%m-%d %H:%M"), "routes": args.routes, "server_cores": args.server_cores, "concurrency": args.concurrency,
               "seconds_per_row": args.seconds, "rounds": args.rounds,
               "contenders": [{**c, "root": str(c["root"])} for c in runs],
               "summary": {n: summarize(rs) for n, rs in rows.items()}, "rows": rows}

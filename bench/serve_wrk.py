@@ -84,7 +84,8 @@ def tree_cpu_seconds(pid: int) -> float:
 
 def run_wrk(url: str, file_list: Path, concurrency: int, seconds: float, client_cpus: set[int],
             server_pid: int) -> dict:
-    """One closed-loop wrk run; latency percentiles from wrk, CPU of client and server from the OS."""
+    """One closed-loop wrk run; latency percentiles from wrk, CPU of client and server from the OS.
+    `file_list`: bench/wrk_multipart.lua's list (JPEG paths, or prepared bodies)."""
     command = ["taskset", "-c", ",".join(map(str, sorted(client_cpus))),
                "wrk", "-t1", f"-c{concurrency}", f"-d{seconds:.0f}s", "--timeout", "60s",
                "-s", str(LUA), url, "--", str(file_list)]

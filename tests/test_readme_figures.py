@@ -45,3 +45,16 @@ def test_the_default_review_strategy_is_the_one_the_label_budget_benchmark_shows
     default = ServiceSettings.model_fields["review_strategy"].default
     assert default == best, {s: round(sum(m.values()) / len(m), 4) for s, m in medians.items()}
     assert quoted_percent_beside("label_budget.json") == round(100 * medians[best][0.1], 1)
+
+
+def test_the_gpu_sizing_table_quotes_the_request_cost_benchmark():
+    """README "Sizing a GPU node": decode CPU per image and event-loop CPU per request, and the rates
+    they cap, are bench/request_cost.py's medians for the current code (its `head predict` column)."""
+    text = " ".join(ROOT.joinpath("README.md").read_text().split())
+    roles = json.loads(ROOT.joinpath("bench/results/request_cost.json").read_text())["summary"]["head predict"]["roles"]
+    decode, loop = roles["decode"]["median"], roles["event_loop"]["median"]
+    quoted = re.search(r"\| JPEG decode \+ resize \+ crop \| (\d+\.\d) ms per image \|.*?\| ~(\d+) images/s per core \|"
+                       r".*?\| HTTP, routing, batching, records, the answer \| (\d+\.\d) ms per request \|.*?\| ~(\d+) requests/s per pod \|", text)
+    assert quoted, "README's sizing table is not where this test looks"
+    assert float(quoted.group(1)) == round(decode, 1) and float(quoted.group(3)) == round(loop, 1)
+    assert int(quoted.group(2)) == round(1000 / decode, -1) and int(quoted.group(4)) == round(1000 / loop, -1)
