@@ -92,6 +92,44 @@ def measure(contender: dict, route: str, url: str, pid: int, args, bodies: Path,
     return row
 
 
+def one_pass(url: str, route: str, bodies: Path, pid: int) -> dict:
+    """Every body of the list once, 8 at a time, on a server that has seen none of them: every image
+    is new to its store, so the per-request CPU includes storing each one (the pixel route's lossless
+    encode runs on the log writer's threads). Rows of the load runs repeat images, which the store
+    keeps once."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.serve_wrk import tree_cpu_seconds
+
+    items = []
+    for line in bodies.read_text().splitlines():
+        parts = line.split("\t")
+        if len(parts) == 1:
+            items.append(({"images": (Path(parts[0]).name, Path(parts[0]).read_bytes(), "image/jpeg")}, None, {}))
+        else:
+            headers = {"Content-Type": parts[1]}
+            if len(parts) > 2:
+                k, v = parts[2].split(":", 1)
+                headers[k] = v.strip()
+            items.append((None, Path(parts[0]).read_bytes(), headers))
+    before, cpu0 = cpu_snapshot(url), tree_cpu_seconds(pid)
+    with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
+        def post(item):
+            files, content, headers = item
+            return client.post(url + PATHS[route], files=files, content=content, headers=headers).status_code
+        codes = list(pool.map(post, items))
+    httpx.post(url + "/admin/reload", timeout=30)  # a round trip after the last answer
+    time.sleep(1.0)  # the log writer's batch closes within log_flush_interval_ms (200 ms)
+    after, cpu1 = cpu_snapshot(url), tree_cpu_seconds(pid)
+    served = sum(code == 200 for code in codes)
+    out = per_request_ms(before, after, served)
+    out.update(requests=len(codes), served=served, tree_ms=(cpu1 - cpu0) * 1000 / served)
+    print(f"first pass {route}: {served} new images, {out['tree_ms']:.2f} ms CPU/request, "
+          f"log image threads {out['roles'].get('log_images', 0):.2f} ms", file=sys.stderr)
+    return out
+
+
 def _median_spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variant", action="append", default=[], help="NAME:KEY=VALUE,... settings (repeatable)")
     ap.add_argument("--server-cores", type=int, default=1,
                     help="cores the servers are pinned to (the first N); wrk gets the rest, or shares when none is left")
+    ap.add_argument("--first-pass", action="store_true",
+                    help="first send every image once, 8 at a time, to each fresh server: the cost of storing new images")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -179,6 +219,10 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             os.sched_setaffinity(0, all_cpus)
         cells = [(c, route) for route in args.routes for c in runs]
+        first_pass = {}
+        for c, route in cells if args.first_pass else ():
+            svc = servers[c["name"]]
+            first_pass[f"{c['name']} {route}"] = one_pass(svc.url, route, bodies[route], svc.process.pid)
         for c, route in cells:  # warm-up: first requests load lazily imported code and grow the pools
             svc = servers[c["name"]]
             run_wrk(svc.url + PATHS[route], bodies[route], args.concurrency, 3, client_cpus, svc.process.pid)
@@ -195,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
               "when": time.strftime("%Y-%m-%d %H:%M"), "routes": args.routes, "server_cores": args.server_cores, "concurrency": args.concurrency,
               "seconds_per_row": args.seconds, "rounds": args.rounds,
               "contenders": [{**c, "root": str(c["root"])} for c in runs],
-              "summary": {n: summarize(rs) for n, rs in rows.items()}, "rows": rows}
+              "summary": {n: summarize(rs) for n, rs in rows.items()}, "rows": rows, "first_pass": first_pass}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(table(result))
