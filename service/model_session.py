@@ -124,14 +124,11 @@ def read_reference(bundle: Bundle) -> Reference:
 def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_threads: int | None = None,
                 lone_threads: int | None = None) -> LoadedModel:
     """Open a fetched bundle's graph, check it answers as its metadata says, and warm it up.
-    `lone_threads` above `ort_threads`: also a session with that many threads, for lone batches."""
+    `lone_threads` (settings.resolved_lone_threads): also a session with that many threads, for lone batches."""
     variant = None if settings.variant == "auto" else settings.variant
     classifier, bundle = load_bundle_model(bundle_dir, variant=variant, prefer_gpu=settings.prefer_gpu,
                                            threads=ort_threads)
-    lone = None
-    if lone_threads and lone_threads > (ort_threads or 0):
-        lone = OnnxClassifier(classifier.path, settings.prefer_gpu, lone_threads)
-        lone.run(np.zeros((1, classifier.image_size, classifier.image_size, 3), np.uint8))
+    lone = OnnxClassifier(classifier.path, settings.prefer_gpu, lone_threads) if lone_threads else None
     labels = list(bundle.labels)
     policy = bundle.policy
     if policy.crop_size != classifier.image_size:
@@ -139,6 +136,8 @@ def open_bundle(bundle_dir: Path, version: str, settings: ServiceSettings, ort_t
     # Warm-up: the first calls allocate arenas and pick kernels, at the batch sizes traffic will use.
     for batch in sorted({1, settings.batch_max_size}):
         probs, _ = classifier.run(np.zeros((batch, policy.crop_size, policy.crop_size, 3), np.uint8))
+    if lone is not None:  # lone batches are mostly single images
+        lone.run(np.zeros((1, policy.crop_size, policy.crop_size, 3), np.uint8))
     if probs.shape[1] != len(labels):
         raise ValueError(f"bundle {version}: graph gives {probs.shape[1]} probabilities but metadata lists {len(labels)} labels")
     reference = read_reference(bundle)

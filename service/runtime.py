@@ -163,14 +163,6 @@ class ServingRuntime:
             return array, sha, None
         return array, sha, functools.partial(lossless_image_bytes, image.pixels) if isinstance(image, PixelImage) else image.data
 
-    def _prepare_and_run(self, image: Upload | PixelImage, model: LoadedModel,
-                         store: bool) -> tuple[list[tuple[np.ndarray, str, StoredImage | None]], tuple[np.ndarray, np.ndarray]]:
-        prepared = self._prepare(0, image, model.policy, store)
-        start = time.perf_counter()
-        outputs = model.run_alone(prepared[0][None])
-        self.batcher.record(1, time.perf_counter() - start)
-        return [prepared], outputs
-
     async def predict(self, uploads: list[Upload]) -> dict:
         c = await self.classify(uploads)
         clock = self.cpu.clock()
@@ -185,19 +177,9 @@ class ServingRuntime:
         model = model or self.serving_model()  # the snapshot this request uses end to end
         loop = asyncio.get_running_loop()
         store = [random.random() < self.settings.store_sample_rate for _ in images]
-        if len(images) == 1 and self.batcher.idle():
-            # A lone image: decode and infer in one trip to a decode thread. Through the batcher it
-            # would cross threads twice more (decode pool -> loop -> inference thread -> loop) for a
-            # batch of one anyway: 0.3 ms more p50 at concurrency 1 on 2 cores (bench/serve_wrk.py).
-            with self.batcher.lone_call():
-                prepared, (raw, embs) = await loop.run_in_executor(self._decode_pool, self._prepare_and_run, images[0],
-                                                                   model, store[0])
-        else:
-            with self.batcher.on_the_way(len(images)):
-                prepared = await asyncio.gather(*(
-                    loop.run_in_executor(self._decode_pool, self._prepare, i, image, model.policy, s)
-                    for i, (image, s) in enumerate(zip(images, store))))
-            raw, embs = await self.batcher.run(model, np.stack([array for array, _, _ in prepared]))
+        prepared, raw, embs = await self.batcher.decode_and_run(
+            model, [functools.partial(self._prepare, i, image, model.policy, s) for i, (image, s) in enumerate(zip(images, store))],
+            self._decode_pool)
         # No await from here to the return: each lap is this request's own CPU on the event loop.
         clock = self.cpu.clock()
         served = calibrate_batch(raw, model.calibration, [sha for _, sha, _ in prepared],
