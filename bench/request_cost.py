@@ -46,21 +46,24 @@ PATHS = {"predict": "/predict", "oip-pixels": "/v2/models/cnnloop/infer"}
 RESULTS = ROOT / "bench" / "results" / "request_cost.json"
 
 
-def body_list(route: str, folder: Path, work: Path) -> Path:
-    """The list bench/wrk_multipart.lua reads: JPEG paths (multipart), or prepared OIP bodies with their headers."""
+def body_list(route: str, folder: Path, work: Path) -> tuple[Path, list[dict]]:
+    """(the list bench/wrk_multipart.lua reads, the same requests as httpx arguments for one_pass):
+    JPEGs as multipart uploads, or prepared OIP pixel bodies with their headers."""
     out = work / f"{route}.list"
     if route == "predict":
-        out.write_text("\n".join(str(p) for p in sorted(folder.rglob("*.jpg"))) + "\n")
-        return out
-    lines = []
+        paths = sorted(folder.rglob("*.jpg"))
+        out.write_text("\n".join(map(str, paths)) + "\n")
+        return out, [{"files": {"images": (p.name, p.read_bytes(), "image/jpeg")}} for p in paths]
+    lines, requests = [], []
     for i, (name, pixels) in enumerate(decoded(load_jpegs(folder))):
         body, headers = oip_pixels(name, pixels)
         path = work / f"oip-{i}.bin"
         path.write_bytes(body)
         lines.append(f"{path}\t{headers['Content-Type']}\tInference-Header-Content-Length: "
                      f"{headers['Inference-Header-Content-Length']}")
+        requests.append({"content": body, "headers": headers})
     out.write_text("\n".join(lines) + "\n")
-    return out
+    return out, requests
 
 
 def cpu_snapshot(url: str) -> dict | None:
@@ -92,33 +95,18 @@ def measure(contender: dict, route: str, url: str, pid: int, args, bodies: Path,
     return row
 
 
-def one_pass(url: str, route: str, bodies: Path, pid: int) -> dict:
-    """Every body of the list once, 8 at a time, on a server that has seen none of them: every image
+def one_pass(url: str, route: str, requests: list[dict], pid: int) -> dict:
+    """Every request of the list once, 8 at a time, on a server that has seen none of them: every image
     is new to its store, so the per-request CPU includes storing each one (the pixel route's lossless
     encode runs on the log writer's threads). Rows of the load runs repeat images, which the store
     keeps once."""
-    import asyncio
     from concurrent.futures import ThreadPoolExecutor
 
     from bench.serve_wrk import tree_cpu_seconds
 
-    items = []
-    for line in bodies.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) == 1:
-            items.append(({"images": (Path(parts[0]).name, Path(parts[0]).read_bytes(), "image/jpeg")}, None, {}))
-        else:
-            headers = {"Content-Type": parts[1]}
-            if len(parts) > 2:
-                k, v = parts[2].split(":", 1)
-                headers[k] = v.strip()
-            items.append((None, Path(parts[0]).read_bytes(), headers))
     before, cpu0 = cpu_snapshot(url), tree_cpu_seconds(pid)
     with httpx.Client(timeout=60) as client, ThreadPoolExecutor(8) as pool:
-        def post(item):
-            files, content, headers = item
-            return client.post(url + PATHS[route], files=files, content=content, headers=headers).status_code
-        codes = list(pool.map(post, items))
+        codes = list(pool.map(lambda request: client.post(url + PATHS[route], **request).status_code, requests))
     httpx.post(url + "/admin/reload", timeout=30)  # a round trip after the last answer
     time.sleep(1.0)  # the log writer's batch closes within log_flush_interval_ms (200 ms)
     after, cpu1 = cpu_snapshot(url), tree_cpu_seconds(pid)
@@ -205,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cnnloop-request-cost-") as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         registry = args.registry or prepare_model(work)[0]
-        bodies = {route: body_list(route, args.images, work) for route in args.routes}
+        lists = {route: body_list(route, args.images, work) for route in args.routes}
+        bodies = {route: path for route, (path, _) in lists.items()}
         servers = {}
         all_cpus = os.sched_getaffinity(0)
         os.sched_setaffinity(0, server_cpus)  # the servers inherit it
@@ -222,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         first_pass = {}
         for c, route in cells if args.first_pass else ():
             svc = servers[c["name"]]
-            first_pass[f"{c['name']} {route}"] = one_pass(svc.url, route, bodies[route], svc.process.pid)
+            first_pass[f"{c['name']} {route}"] = one_pass(svc.url, route, lists[route][1], svc.process.pid)
         for c, route in cells:  # warm-up: first requests load lazily imported code and grow the pools
             svc = servers[c["name"]]
             run_wrk(svc.url + PATHS[route], bodies[route], args.concurrency, 3, client_cpus, svc.process.pid)
