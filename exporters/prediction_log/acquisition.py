@@ -1,7 +1,7 @@
 """Which unlabeled predictions are worth a person's time: acquisition scores and batch spreading. Pure numpy.
 
 Scores are absolute (not ranks), so items queued at different times compare: higher first.
-- random: a seeded uniform draw per prediction (the baseline every other strategy must beat);
+- random: a seeded uniform draw per image digest (the baseline every other strategy must beat);
 - margin: 1 - (top-1 - top-2 probability): the closest calls first;
 - entropy: Shannon entropy of the (calibrated) probabilities;
 - novelty: mean distance to the k nearest reference embeddings (the bundle's validation sample, in
@@ -20,10 +20,10 @@ STRATEGIES = ("margin", "entropy", "novelty", "random")
 NOVELTY_NEIGHBOURS = 5
 
 
-def random_scores(prediction_ids: list[str], seed: int = 0) -> np.ndarray:
-    """A uniform draw per prediction that does not depend on the order they are scored in."""
-    return np.array([int(hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()[:13], 16) / 16**13
-                     for pid in prediction_ids])
+def random_scores(keys: list[str], seed: int = 0) -> np.ndarray:
+    """A uniform draw per key (the review queue keys by image digest) that does not depend on the order
+    they are scored in."""
+    return np.array([int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:13], 16) / 16**13 for key in keys])
 
 
 def margin_scores(probs: np.ndarray) -> np.ndarray:
@@ -47,10 +47,10 @@ def novelty_scores(embeddings: np.ndarray, reference: np.ndarray, k: int = NOVEL
     return nearest.mean(axis=1)
 
 
-def acquisition_scores(strategy: str, prediction_ids: list[str], probs: np.ndarray,
+def acquisition_scores(strategy: str, keys: list[str], probs: np.ndarray,
                        embeddings: np.ndarray | None = None, reference: np.ndarray | None = None) -> np.ndarray:
     if strategy == "random":
-        return random_scores(prediction_ids)
+        return random_scores(keys)
     if strategy == "margin":
         return margin_scores(probs)
     if strategy == "entropy":

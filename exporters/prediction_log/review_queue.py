@@ -119,7 +119,10 @@ class ReviewQueue:
             return 0
         probs = probabilities_of(records)
         ids = [rec.prediction_id for rec in records]
-        scores = acquisition_scores(strategy, ids, probs, embeddings_of(records), reference_embeddings)
+        # The random draw is keyed on the image, not the prediction id (which encodes its time): the
+        # same traffic is queued the same way on every run, and a repeated image draws once.
+        scores = acquisition_scores(strategy, [rec.image_sha256 for rec in records], probs, embeddings_of(records),
+                                    reference_embeddings)
         abstained = np.zeros(len(records), dtype=bool)
         if calibration is not None:
             u = np.array([uniform_from_digest(rec.image_sha256) for rec in records])
