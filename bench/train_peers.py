@@ -14,7 +14,9 @@ threads. Each run is its own process, so its peak memory is its own.
               unfreezing, AdamW, warmup + cosine, early stopping on val loss, best epoch kept.
     fastai    DataBlock with presizing as its vision tutorial does (item Resize at 460/224 of the crop,
               batch `aug_transforms(size=crop)`: fastai's default augmentation), `vision_learner` with
-              its default head (concat pool, 512 hidden, dropout), `lr_find()` (valley), then
+              its default head (concat pool, 512 hidden, dropout), `lr_find()` (valley; once per
+              dataset, on the first seed, as a user runs it: later seeds reuse the suggestion and
+              their wall time to best is charged its seconds), then
               `fine_tune(epochs - 1, base_lr, freeze_epochs=1)`: the same total epoch budget. No early
               stopping (fastai's documented recipe has none), so the last epoch is the model.
     lightning LightningModule (timm backbone + dropout/linear head), Adam(head, 1e-3), torchvision's
@@ -47,6 +49,12 @@ Run:
 --out        the JSON report, rewritten after each dataset (default bench/results/train_peers.json;
              --smoke writes a file under /tmp and refuses bench/results/)
 --threads / --workers / --image-size / --batch / --lr-find-iters: see --help.
+--work       a folder kept between invocations: a finished run whose inputs are the same is read back,
+             not rerun (resume after an interruption); datasets already in --out stay there, so each
+             dataset can be measured in its own invocation at its own --image-size:
+
+    .venv-peers/bin/python bench/train_peers.py --datasets hymenoptera --work runs/peers
+    .venv-peers/bin/python bench/train_peers.py --datasets digits --image-size 64 --work runs/peers
 
 "best epoch" in the table counts from 1. Peak RSS is the training process's own (getrusage); peak
 PSS is polled every 0.25 s over the process and its data-loader workers (PSS, not RSS, so pages the
@@ -59,6 +67,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +92,7 @@ SMOKE = {"train_per_class": {"hymenoptera": 12, "digits": 5}, "test_per_class": 
 
 def _link_subset(files, root: Path, per_class: int | None) -> Path:
     """root/<class>/<name> symlinks to the first `per_class` files of each class (all when None)."""
+    shutil.rmtree(root, ignore_errors=True)  # links only (rmtree does not follow them): a resumed run relinks
     taken: dict[int, int] = {}
     for path, label in zip(files.paths, files.labels):
         if per_class is not None and taken.get(int(label), 0) >= per_class:
@@ -231,6 +241,20 @@ def spawn(spec: dict, log: Path) -> dict:
     return res
 
 
+def run_key(spec: dict) -> dict:
+    """What makes two runs the same run: a finished run in --work with this key is reused (resume)."""
+    keep = ("framework", "seed", "epochs", "batch", "image_size", "threads", "workers", "lr_find_iters", "train", "val", "test",
+            "lr_found")
+    return json.loads(json.dumps({k: spec.get(k) for k in keep}))
+
+
+def resumed(spec: dict, done: Path) -> dict | None:
+    if not done.exists():
+        return None
+    saved = json.loads(done.read_text())
+    return saved["result"] if saved.get("key") == run_key(spec) else None
+
+
 def child_main(spec_file: Path) -> None:
     import resource
 
@@ -301,10 +325,14 @@ def run_fastai(spec: dict) -> dict:
         raise SystemExit(f"fastai's classes {list(dls.vocab)} differ from {spec['classes']}")
     learn = vision_learner(dls, TIMM_ARCH, metrics=error_rate, path=spec["run_dir"], pretrained=True,
                            pretrained_cfg_overlay=dict(file=spec["weights"]))
-    t = time.time()
-    with learn.no_bar():
-        lr = float(learn.lr_find(num_it=spec["lr_find_iters"], show_plot=False).valley)
-    lr_find_s = time.time() - t
+    if spec.get("lr_found") is None:
+        t = time.time()
+        with learn.no_bar():
+            lr = float(learn.lr_find(num_it=spec["lr_find_iters"], show_plot=False).valley)
+        lr_find = {"valley": lr, "seconds": time.time() - t, "iterations": spec["lr_find_iters"]}
+    else:  # a user runs lr_find once per dataset and reads the suggestion, not once per seed
+        lr = spec["lr_found"]["valley"]
+        lr_find = {**spec["lr_found"], "reused_from_seed": spec["lr_found"]["seed"]}
     epochs = []
 
     class EpochClock(Callback):
@@ -329,7 +357,7 @@ def run_fastai(spec: dict) -> dict:
     with learn.no_bar():
         probs, targets = learn.get_preds(dl=test_dl)
     return {"n_train": len(spec["train"]), "n_val": len(spec["val"]), "epochs": epochs, "best_epoch": len(epochs) - 1,
-            "lr_find": {"valley": lr, "seconds": lr_find_s, "iterations": spec["lr_find_iters"]},
+            "lr_find": lr_find,
             "test": _scores(targets.tolist(), probs.numpy(), spec["classes"])}
 
 
@@ -472,7 +500,10 @@ def summarise(runs: list[dict]) -> dict:
         e = r["epochs"]
         r["images_per_s"] = r["n_train"] * len(e) / sum(x["train_s"] for x in e)
         r["s_per_epoch"] = statistics.mean(x["train_s"] + x["val_s"] for x in e)
-        r["wall_to_best_s"] = e[r["best_epoch"]]["end"] - r["t_spawn"]
+        # A seed that reused another's lr_find suggestion is charged its seconds: a user on a new
+        # dataset waits for lr_find before the first epoch.
+        reused = r.get("lr_find", {}).get("seconds", 0.0) if "reused_from_seed" in r.get("lr_find", {}) else 0.0
+        r["wall_to_best_s"] = e[r["best_epoch"]]["end"] - r["t_spawn"] + reused
     return {"images_per_s": _mean_std([r["images_per_s"] for r in ok]), "s_per_epoch": _mean_std([r["s_per_epoch"] for r in ok]),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in ok), "peak_tree_pss_mib": max(r["peak_tree_pss_mib"] for r in ok),
             "epochs_run": _mean_std([len(r["epochs"]) for r in ok]), "best_epoch": _mean_std([r["best_epoch"] for r in ok]),
@@ -502,9 +533,10 @@ def compare(summary: dict) -> dict:
 def markdown(report: dict) -> str:
     lines = []
     for name, d in report["datasets"].items():
+        c = d["config"]
         lines += [f"\n### {name}: {d['n_train']} train / {d['n_val']} val / {d['n_test']} test images, "
-                  f"{report['config']['image_size']} px, batch {report['config']['batch']}, up to {report['config']['epochs']} epochs, "
-                  f"{report['config']['threads']} threads, seeds {report['config']['seeds']}\n",
+                  f"{c['image_size']} px, batch {c['batch']}, up to {c['epochs']} epochs, "
+                  f"{c['threads']} threads, seeds {c['seeds']}\n",
                   "| framework | s/epoch | train img/s | peak RSS MiB | peak PSS MiB (+workers) | epochs run | best epoch | wall to best s "
                   "| test accuracy | test macro-F1 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for fw in FRAMEWORKS:
@@ -535,7 +567,7 @@ def main() -> None:
     recipe = TrainConfig()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", nargs="+", default=["hymenoptera", "digits"], choices=["hymenoptera", "digits"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per framework per seed (default 0 1 2; --smoke: 0)")
     ap.add_argument("--epochs", type=int, default=recipe.epochs, help="epoch budget of every framework (default: cnnloop's recipe)")
     ap.add_argument("--batch", type=int, default=recipe.batch_size)
     ap.add_argument("--image-size", type=int, default=None, help="crop size (default: the recipe's for Lite0, 288)")
@@ -553,11 +585,12 @@ def main() -> None:
     if args.child:
         return child_main(args.child)
     if args.smoke:
-        args.epochs, args.batch, args.seeds, args.lr_find_iters = SMOKE["epochs"], SMOKE["batch"], SMOKE["seeds"], SMOKE["lr_find_iters"]
+        args.epochs, args.batch, args.lr_find_iters = SMOKE["epochs"], SMOKE["batch"], SMOKE["lr_find_iters"]
+        args.seeds = args.seeds or SMOKE["seeds"]
         args.out = args.out or Path(tempfile.gettempdir()) / "train_peers_smoke.json"
         if args.out.resolve() == RESULTS.resolve():
             raise SystemExit(f"--smoke does not write {RESULTS}; pass another --out")
-    args.out = args.out or RESULTS
+    args.out, args.seeds = args.out or RESULTS, args.seeds or [0, 1, 2]
     workers = args.threads if args.workers is None else args.workers
     work = args.work or Path(tempfile.mkdtemp(prefix="train_peers-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -573,11 +606,16 @@ def main() -> None:
     config = {"epochs": args.epochs, "batch": args.batch, "image_size": weights["image_size"], "resize_size": weights["resize_size"],
               "threads": args.threads, "workers": workers, "seeds": args.seeds, "lr_find_iters": args.lr_find_iters,
               "smoke": args.smoke, "cpu_count": os.cpu_count(), "versions": _versions()}
-    report = {"config": config, "weight_check": check, "datasets": {}}
+    # Datasets run by an earlier invocation into the same --out stay (each entry carries its own config),
+    # so the two datasets can be measured at their own crop sizes in two runs.
+    report = {"datasets": {}}
+    if args.out.exists() and not args.smoke:
+        report["datasets"] = {k: v for k, v in json.loads(args.out.read_text()).get("datasets", {}).items() if k not in args.datasets}
     failed = False
     for name in args.datasets:
         train_dir, test_dir = prepare_dataset(name, work, args.hymenoptera, args.smoke)
         runs: dict[str, list] = {fw: [] for fw in args.frameworks}
+        lr_found = None
         for i, seed in enumerate(args.seeds):
             train, val, classes = carve_val(train_dir, seed, recipe.val_fraction)
             test = labeled_pairs(test_dir, classes)
@@ -587,12 +625,19 @@ def main() -> None:
                 tag = f"{name}-{fw}-seed{seed}"
                 spec = {**config, "framework": fw, "seed": seed, "train_dir": str(train_dir), "test_dir": str(test_dir),
                         "train": train, "val": val, "test": test, "classes": classes, "weights": mapped,
-                        "head_epochs": recipe.head_epochs, "run_dir": str(work / "runs" / tag), "result": str(work / f"{tag}.json")}
-                res = spawn(spec, work / "logs" / f"{tag}.log")
-                res.update(framework=fw, seed=seed, t_spawn=spec["t_spawn"])
+                        "head_epochs": recipe.head_epochs, "run_dir": str(work / "runs" / tag), "result": str(work / f"{tag}.json"),
+                        "lr_found": lr_found if fw == "fastai" else None}
+                res = resumed(spec, work / f"{tag}.done.json")
+                if res is None:
+                    res = spawn(spec, work / "logs" / f"{tag}.log")
+                    res.update(framework=fw, seed=seed, t_spawn=spec["t_spawn"])
+                    if "epochs" in res:
+                        (work / f"{tag}.done.json").write_text(json.dumps({"key": run_key(spec), "result": res}))
                 if "epochs" in res and (res["n_train"], res["n_val"]) != (len(train), len(val)):
                     raise SystemExit(f"{tag}: trained on {res['n_train']}/{res['n_val']} train/val images, the others on "
                                      f"{len(train)}/{len(val)}: the splits differ (undecodable images?)")
+                if fw == "fastai" and "lr_find" in res and lr_found is None:
+                    lr_found = {**res["lr_find"], "seed": seed}
                 failed |= "failed" in res
                 runs[fw].append(res)
                 status = res.get("failed") or res.get("skipped") or (f"test accuracy {res['test']['accuracy']:.4f}, "
@@ -601,8 +646,8 @@ def main() -> None:
         probe = spawn({**config, "framework": "probe", "seeds": args.seeds, "train_dir": str(train_dir), "test_dir": str(test_dir),
                        "result": str(work / f"{name}-probe.json")}, work / "logs" / f"{name}-probe.log")
         summary = {fw: summarise(rs) for fw, rs in runs.items()}
-        entry = {"n_train": len(train), "n_val": len(val), "n_test": len(test), "runs": runs, "summary": summary,
-                 "comparison": compare(summary)}
+        entry = {"config": config, "weight_check": check, "n_train": len(train), "n_val": len(val), "n_test": len(test),
+                 "runs": runs, "summary": summary, "comparison": compare(summary)}
         if "runs" in probe:
             entry["linear_probe"] = {"runs": probe["runs"], "test_accuracy": _mean_std([r["test"]["accuracy"] for r in probe["runs"]]),
                                      "test_macro_f1": _mean_std([r["test"]["macro_f1"] for r in probe["runs"]])}
