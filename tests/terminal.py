@@ -25,6 +25,12 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def ctrl_c_live() -> None:
+    """preexec_fn: the child starts with Ctrl-C live, as a terminal's command does. A test run launched
+    in the background (`nohup pytest &`) ignores SIGINT, and children inherit that: Ctrl-C tests hung."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Terminal:
     """One command line running under `bash -c` in its own pty and process group."""
 
@@ -33,7 +39,7 @@ class Terminal:
         master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         self.process = subprocess.Popen(["bash", "-c", command], cwd=cwd, env=env, stdin=slave, stdout=slave,
-                                        stderr=slave, start_new_session=True, close_fds=True)
+                                        stderr=slave, start_new_session=True, close_fds=True, preexec_fn=ctrl_c_live)
         os.close(slave)
         self._master, self._chunks = master, []
 

@@ -23,6 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from tests.terminal import ctrl_c_live
 from tests.training_data import make_digits
 
 CLI = [str(Path(sys.executable).parent / "cnnloop"), "tune"]
@@ -217,7 +218,7 @@ def test_a_stop_signal_stops_cleanly_and_the_same_command_resumes(digits, tmp_pa
     # 12 epochs: each trial runs for seconds, so the poll (which opens the study's SQLite, sometimes
     # locked by the writer) cannot miss every trial's running window; with 6 a full-suite run did once.
     args = [*CLI, digits, "--trials", 3, "--pruner", "none", "--out", out, *FAST, "--epochs", 12]
-    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(list(map(str, args)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_live)
     try:
         try:
             _wait_for(lambda: _mid_trial(out), 300, "a trial after the first to report an epoch")
