@@ -331,8 +331,8 @@ def run_fastai(spec: dict) -> dict:
             lr = float(learn.lr_find(num_it=spec["lr_find_iters"], show_plot=False).valley)
         lr_find = {"valley": lr, "seconds": time.time() - t, "iterations": spec["lr_find_iters"]}
     else:  # a user runs lr_find once per dataset and reads the suggestion, not once per seed
-        lr = spec["lr_found"]["valley"]
-        lr_find = {**spec["lr_found"], "reused_from_seed": spec["lr_found"]["seed"]}
+        lr_find = spec["lr_found"]
+        lr = lr_find["valley"]
     epochs = []
 
     class EpochClock(Callback):
@@ -502,7 +502,8 @@ def summarise(runs: list[dict]) -> dict:
         r["s_per_epoch"] = statistics.mean(x["train_s"] + x["val_s"] for x in e)
         # A seed that reused another's lr_find suggestion is charged its seconds: a user on a new
         # dataset waits for lr_find before the first epoch.
-        reused = r.get("lr_find", {}).get("seconds", 0.0) if "reused_from_seed" in r.get("lr_find", {}) else 0.0
+        lr_find = r.get("lr_find", {})
+        reused = lr_find["seconds"] if "reused_from_seed" in lr_find else 0.0
         r["wall_to_best_s"] = e[r["best_epoch"]]["end"] - r["t_spawn"] + reused
     return {"images_per_s": _mean_std([r["images_per_s"] for r in ok]), "s_per_epoch": _mean_std([r["s_per_epoch"] for r in ok]),
             "peak_rss_mib": max(r["peak_rss_mib"] for r in ok), "peak_tree_pss_mib": max(r["peak_tree_pss_mib"] for r in ok),
@@ -637,7 +638,7 @@ def main() -> None:
                     raise SystemExit(f"{tag}: trained on {res['n_train']}/{res['n_val']} train/val images, the others on "
                                      f"{len(train)}/{len(val)}: the splits differ (undecodable images?)")
                 if fw == "fastai" and "lr_find" in res and lr_found is None:
-                    lr_found = {**res["lr_find"], "seed": seed}
+                    lr_found = {**res["lr_find"], "reused_from_seed": seed}
                 failed |= "failed" in res
                 runs[fw].append(res)
                 status = res.get("failed") or res.get("skipped") or (f"test accuracy {res['test']['accuracy']:.4f}, "
